@@ -1,0 +1,133 @@
+"""The permutation-method interface: a closure's problem in, one input-channel permutation out.
+
+A :class:`PermutationProblem` is everything a method may look at. It is expressed in the closure's *canonical
+channel space* of size ``k``: the analysis (``permsparse.passes.analysis``) maps every sibling weight's input rows onto
+it (heads that share a KV head are tied, so their rows appear as extra columns). A method returns ``perm``, an int array
+of length ``k`` with ``new[i] = old[perm[i]]``: after folding, canonical channel ``perm[i]`` sits at position ``i``.
+
+Constraint: ``perm`` must keep every aligned block of ``block`` channels in place (``perm[i] // block == i // block``);
+``block == k`` means any permutation. N:M groups (``m`` consecutive channels) never straddle a block because the
+analysis only produces blocks that are multiples of ``m``.
+
+Objective (the one all built-in methods maximize unless they say otherwise): the sum over siblings of the share of each
+sibling's total importance that survives N:M masking along K after permuting rows; see :func:`retained_share`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PermutationProblem:
+    """One permutation to find.
+
+    Attributes:
+        name: human-readable name of the closure/group (for logs and progress bars).
+        importances: one non-negative array ``[k, n_i]`` per sibling weight, rows in canonical channel order.
+        block: permutations must map each aligned block of ``block`` channels to itself (``block == k``: free).
+        n: kept elements per group (2 for 2:4).
+        m: group size along K (4 for 2:4).
+        activations: optional calibration activations ``[tokens, k]`` (canonical order) for output-aware objectives.
+        weights: optional dense weights ``[k, n_i]`` matching ``importances`` (for output-aware objectives).
+    """
+
+    name: str
+    importances: tuple[np.ndarray, ...]
+    block: int
+    n: int = 2
+    m: int = 4
+    activations: np.ndarray | None = None
+    weights: tuple[np.ndarray, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.importances:
+            raise ValueError(f"{self.name}: a permutation problem needs at least one sibling importance array")
+        k = self.importances[0].shape[0]
+        for imp in self.importances:
+            if imp.ndim != 2 or imp.shape[0] != k:
+                raise ValueError(f"{self.name}: every importance must be [k={k}, n_i], got {imp.shape}")
+        if self.block <= 0 or k % self.block or self.block % self.m:
+            raise ValueError(f"{self.name}: block {self.block} must divide k={k} and be a multiple of m={self.m}")
+
+    @property
+    def k(self) -> int:
+        return int(self.importances[0].shape[0])
+
+
+@runtime_checkable
+class PermutationMethod(Protocol):
+    """Anything with a ``name`` and ``solve(problem) -> perm`` is a permutation method."""
+
+    name: str
+
+    def solve(self, problem: PermutationProblem) -> np.ndarray: ...
+
+
+@dataclass
+class SolveStats:
+    """What a method may report about one solve (filled in by methods that track it)."""
+
+    seconds: float = 0.0
+    retained_identity: float = 0.0
+    retained: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def nm_keep_mask(importance: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Boolean mask ``[k, cols]`` keeping the ``n`` largest of every ``m`` consecutive rows, per column."""
+    k, cols = importance.shape
+    if k % m:
+        raise ValueError(f"K={k} is not divisible by M={m}")
+    grouped = importance.reshape(k // m, m, cols)
+    order = np.argsort(-grouped, axis=1, kind="stable")
+    keep = np.zeros_like(grouped, dtype=bool)
+    np.put_along_axis(keep, order[:, :n, :], True, axis=1)
+    return keep.reshape(k, cols)
+
+
+def retained_share(problem: PermutationProblem, perm: np.ndarray | None = None) -> float:
+    """Mean over siblings of (importance kept by N:M after permuting rows by ``perm``) / (total importance).
+
+    Lies in [n/m, 1]; identity is ``perm=None``.
+    """
+    shares = []
+    for imp in problem.importances:
+        x = imp if perm is None else imp[perm]
+        total = float(x.sum())
+        if total <= 0.0:
+            continue
+        keep = nm_keep_mask(x, problem.n, problem.m)
+        shares.append(float(x[keep].sum()) / total)
+    return float(np.mean(shares)) if shares else 1.0
+
+
+def unstructured_bound(problem: PermutationProblem) -> float:
+    """Retained share if each column kept its best ``n/m`` share of rows anywhere (the 'unstructured 50%' bound)."""
+    shares = []
+    for imp in problem.importances:
+        total = float(imp.sum())
+        if total <= 0.0:
+            continue
+        k_keep = imp.shape[0] * problem.n // problem.m
+        top = -np.sort(-imp, axis=0)[:k_keep]
+        shares.append(float(top.sum()) / total)
+    return float(np.mean(shares)) if shares else 1.0
+
+
+def efficacy(identity: float, permuted: float, bound: float) -> float:
+    """Share of the gap between plain N:M (identity) and the unstructured bound that a permutation recovers."""
+    gap = bound - identity
+    return 0.0 if gap <= 1e-12 else (permuted - identity) / gap
+
+
+def check_permutation(perm: np.ndarray, k: int, block: int) -> None:
+    """Raise ``ValueError`` unless ``perm`` is a permutation of ``range(k)`` that keeps every ``block`` in place."""
+    perm = np.asarray(perm)
+    if perm.shape != (k,) or not np.array_equal(np.sort(perm), np.arange(k)):
+        raise ValueError(f"not a permutation of {k} channels")
+    if block < k and not np.array_equal(perm // block, np.arange(k) // block):
+        raise ValueError(f"permutation moves channels across blocks of {block}")
