@@ -1,0 +1,100 @@
+"""Sparsify pass: N:M masks along each weight's reduction axis K, stored densely (zeros in the ONNX weight).
+
+Rewrite. For every selected weight ``W`` (stored as ``[K, N]``, or ``[N, K]`` for Gemm ``transB=1`` or a transposed
+constant), in every column and every group of ``m`` consecutive rows along K, keep the ``n`` entries of largest
+importance and set the others to zero. Importance is any non-negative array of the weight's ``[K, N]`` shape
+(magnitude by default; Wanda and RIA come from calibration).
+
+Invariant. Afterwards every column has at most ``n`` non-zeros in each aligned group of ``m`` along K, which is what
+sparse tensor cores (and TensorRT's sparse tactics) require; :func:`check_nm` verifies it independently of the mask
+code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from permsparse.optimizer.base import nm_keep_mask
+from permsparse.passes.analysis import Plan, WeightInfo
+from permsparse.passes.graph import const_of
+
+log = logging.getLogger(__name__)
+
+ImportanceFn = Callable[[WeightInfo, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class MaskStats:
+    """Per-weight result of masking."""
+
+    weight: str
+    kept_share: float  # share of the importance kept
+    kept_magnitude: float  # share of sum |W| kept
+    density: float  # non-zeros / size after masking
+
+
+def k_major(w: WeightInfo, stored: np.ndarray) -> np.ndarray:
+    """View of a stored weight as ``[K, N]``."""
+    return stored if w.k_axis == 0 else stored.T
+
+
+def apply_masks(
+    graph: gs.Graph,
+    plan: Plan,
+    weights: list[str],
+    importance: ImportanceFn | None = None,
+) -> list[MaskStats]:
+    """Mask ``weights`` (names from ``plan``) in place with N:M along K. ``importance(w, W[K, N]) -> [K, N]``."""
+    consts = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            ref = const_of(t)
+            if ref is not None:
+                consts[ref.name] = ref
+    stats = []
+    for name in weights:
+        w = plan.weights[name]
+        ref = consts[w.const]
+        stored = ref.values
+        wk = k_major(w, stored)
+        imp = np.abs(wk) if importance is None else importance(w, wk)
+        keep = nm_keep_mask(imp, plan.n, plan.m)
+        masked = np.where(keep, wk, np.zeros((), dtype=wk.dtype))
+        ref.set_values(masked if w.k_axis == 0 else masked.T)
+        total_imp = float(imp.sum()) or 1.0
+        total_mag = float(np.abs(wk).sum()) or 1.0
+        stats.append(
+            MaskStats(
+                weight=name,
+                kept_share=float(imp[keep].sum()) / total_imp,
+                kept_magnitude=float(np.abs(wk)[keep].sum()) / total_mag,
+                density=float(np.count_nonzero(masked)) / masked.size,
+            )
+        )
+    return stats
+
+
+def check_nm(values: np.ndarray, k_axis: int, n: int, m: int) -> bool:
+    """True if every column has at most ``n`` non-zeros in each aligned group of ``m`` along ``k_axis``."""
+    wk = np.moveaxis(np.asarray(values), k_axis, 0)
+    k = wk.shape[0]
+    if k % m:
+        return False
+    counts = np.count_nonzero(wk.reshape(k // m, m, -1), axis=1)
+    return bool((counts <= n).all())
+
+
+def nm_report(graph: gs.Graph, plan: Plan) -> Mapping[str, bool]:
+    """N:M validity of every weight in ``plan``, read from ``graph``."""
+    consts = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            ref = const_of(t)
+            if ref is not None:
+                consts[ref.name] = ref
+    return {name: check_nm(consts[w.const].values, w.k_axis, plan.n, plan.m) for name, w in plan.weights.items()}
