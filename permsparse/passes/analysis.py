@@ -399,8 +399,9 @@ def _node_rule(node: gs.Node, ctx: _Ctx, chains: Mapping[str, WeightChain]) -> _
 
     if op == "Slice":
         rank = len(ctx.shape(ins[0]))
-        vals = [ctx.value(t) if i < len(node.inputs) and node.inputs[i].name else None
-                for i, t in enumerate(node.inputs[1:5], start=1)]
+        vals = [
+            ctx.value(node.inputs[i]) if i < len(node.inputs) and node.inputs[i].name else None for i in range(1, 5)
+        ]
         starts, ends = vals[0], vals[1]
         if starts is None or ends is None:
             return block_all("Slice with bounds of unknown value")

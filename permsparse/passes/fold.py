@@ -60,8 +60,12 @@ class FoldResult:
     """What the fold pass changed."""
 
     gathers: list[str] = field(default_factory=list)  # names of Gather nodes added
-    permuted: list[tuple[str, int]] = field(default_factory=list)  # (constant, axis) permuted
+    indices: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (constant, axis) -> new[i] = old[idx[i]]
     units_applied: int = 0
+
+    def record(self, const: str, axis: int, idx: np.ndarray) -> None:
+        prev = self.indices.get((const, axis))
+        self.indices[(const, axis)] = idx if prev is None else prev[idx]
 
 
 def block_perm(perm: np.ndarray, block_map: np.ndarray, block: int) -> np.ndarray:
@@ -146,7 +150,7 @@ def apply_fold(
                 idx = block_perm(perm, mb.block_map, closure.block)
                 ref = consts[mb.const]
                 ref.set_values(np.take(ref.values, idx, axis=mb.axis))
-                result.permuted.append((mb.const, mb.axis))
+                result.record(mb.const, mb.axis, idx)
             for name in _boundary_gathers(graph, tensors, closure, perm):
                 result.gathers.append(name)
         else:
@@ -160,7 +164,7 @@ def apply_fold(
                 node.inputs[0] = xp
                 ref = consts[w.const]
                 ref.set_values(np.take(ref.values, perm, axis=w.k_axis))
-                result.permuted.append((w.const, w.k_axis))
+                result.record(w.const, w.k_axis, perm)
         result.units_applied += 1
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return result

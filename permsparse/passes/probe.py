@@ -87,7 +87,7 @@ def resolve_shapes(
                 resolved.append(d)
             elif axis == 0:
                 resolved.append(batch)
-            elif np.issubdtype(spec.dtype, np.integer) and axis == 1:
+            elif axis == 1 and (np.issubdtype(spec.dtype, np.integer) or len(spec.shape) == 3):  # tokens, [B, S, C]
                 resolved.append(seq)
             else:
                 raise PermsparseError(

@@ -1,0 +1,350 @@
+"""Classical permutation baselines: identity, RIA-style linear-sum-assignment, Apex-style channel swap.
+
+All of them maximize :func:`permsparse.optimizer.base.retained_share`. They work on the *normalized stacked*
+importance ``A = concat_i(imp_i / total_i) / S`` (``[k, sum n_i]``), whose kept N:M sum equals the retained share
+exactly. Blocks are independent (an N:M group never straddles a block), so every method solves each block of
+``problem.block`` channels as a free problem and concatenates the answers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from permsparse.optimizer.base import PermutationProblem, check_permutation, retained_share
+
+# ----------------------------------------------------------------------------------------------- shared helpers
+
+
+def stacked_importance(problem: PermutationProblem, dtype=np.float64) -> np.ndarray:
+    """``[k, sum n_i]``: siblings divided by their total and by the number of non-empty siblings.
+
+    ``kept_sum(A[perm]) == retained_share(problem, perm)`` (up to rounding); an all-zero problem gives ``[k, 1]`` zeros.
+    """
+    parts = []
+    for imp in problem.importances:
+        total = float(np.asarray(imp, dtype=np.float64).sum())
+        if total > 0.0:
+            parts.append(np.asarray(imp, dtype=np.float64) / total)
+    if not parts:
+        return np.zeros((problem.k, 1), dtype=dtype)
+    return (np.concatenate(parts, axis=1) / len(parts)).astype(dtype)
+
+
+def group_kept(a: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Kept N:M importance per group: ``[rows // m]`` for rows already in group order."""
+    g = a.reshape(a.shape[0] // m, m, a.shape[1])
+    part = -np.partition(-g, n - 1, axis=1)[:, :n, :] if n < m else g
+    return part.sum(axis=(1, 2))
+
+
+def kept_sum(a: np.ndarray, n: int, m: int) -> float:
+    return float(group_kept(a, n, m).sum())
+
+
+def block_starts(problem: PermutationProblem) -> list[int]:
+    return list(range(0, problem.k, problem.block))
+
+
+def best_of(problem: PermutationProblem, candidates: list[np.ndarray]) -> np.ndarray:
+    """The candidate with the highest retained share; identity wins ties (never worse than identity)."""
+    best = np.arange(problem.k)
+    best_score = retained_share(problem, None)
+    for cand in candidates:
+        cand = np.asarray(cand, dtype=np.int64)
+        check_permutation(cand, problem.k, problem.block)
+        score = retained_share(problem, cand)
+        if score > best_score + 1e-12:
+            best, best_score = cand, score
+    return best
+
+
+def _others_topn(g: np.ndarray, n: int, slots=None) -> tuple[np.ndarray, np.ndarray]:
+    """For groups ``g [G, m, N]``, per slot s: kept sum of the other m-1 members (top n of them) and their n-th largest.
+
+    Returns ``base [G, m]`` (summed over columns) and ``thr [G, m, N]``, so that putting channel x into slot s of
+    group h keeps ``base[h, s] + sum_c relu(x_c - thr[h, s, c])``.
+    """
+    G, m, N = g.shape
+    base = np.zeros((G, m))
+    thr = np.zeros((G, m, N), dtype=g.dtype)
+    for s in range(m) if slots is None else slots:
+        others = np.delete(g, s, axis=1)  # [G, m-1, N]
+        part = -np.partition(-others, n - 1, axis=1)[:, :n, :]  # top n, the n-th largest last
+        base[:, s] = part.sum(axis=(1, 2))
+        thr[:, s, :] = part.min(axis=1)
+    return base, thr
+
+
+def _relu_gain(x: np.ndarray, thr: np.ndarray) -> np.ndarray:
+    """``out[i, j] = sum_c relu(x[i, c] - thr[j, c])`` for ``x [I, N]``, ``thr [J, N]`` (float32 torch, chunked).
+
+    Inputs are rescaled by their mean so float32 never meets denormals; the result is scaled back (float64).
+    """
+    scale = float(np.abs(x).mean()) or 1.0
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float64) / scale, dtype=torch.float32)
+    tt = torch.as_tensor(np.asarray(thr, dtype=np.float64) / scale, dtype=torch.float32)
+    out = torch.empty((xt.shape[0], tt.shape[0]), dtype=torch.float32)
+    step = max(1, int(2**22 // max(1, tt.numel())))
+    for i0 in range(0, xt.shape[0], step):
+        out[i0 : i0 + step] = torch.clamp_min(xt[i0 : i0 + step, None, :] - tt[None, :, :], 0.0).sum(dim=2)
+    return out.double().numpy() * scale
+
+
+# ----------------------------------------------------------------------------------------------- identity
+
+
+@dataclass
+class IdentityMethod:
+    """Plain N:M: keep the channel order."""
+
+    name: str = "identity"
+
+    def solve(self, problem: PermutationProblem) -> np.ndarray:
+        return np.arange(problem.k)
+
+
+# ----------------------------------------------------------------------------------------------- LSA (RIA-style)
+
+
+def lsa_block(a: np.ndarray, n: int, m: int, *, rng: np.random.Generator, refine_rounds: int = 8,
+              deadline: float | None = None) -> np.ndarray:
+    """RIA-style channel reallocation of one free block ``a [b, N]``; returns a local permutation.
+
+    Channels sorted by total importance; the top ``G = b/m`` go one per group; every next tranche of G channels is
+    assigned to groups by LSA on the marginal kept importance (for the first n tranches every channel is kept whole, so
+    the marginal uses the per-column max instead, which favours complementary channels). Then refine: repeatedly take
+    one member out of every group and re-place the G removed channels optimally by LSA (never decreases the objective).
+    """
+    b = a.shape[0]
+    G = b // m
+    if G <= 1 or n >= m:
+        return np.arange(b)
+    order = np.argsort(-a.sum(axis=1), kind="stable")
+    groups = np.empty((G, m), dtype=np.int64)
+    groups[:, 0] = order[:G]
+    for t in range(1, m):
+        tranche = order[t * G : (t + 1) * G]
+        members = a[groups[:, :t]]  # [G, t, N]
+        x = a[tranche]  # [G, N]
+        if t < n:
+            cur = members.max(axis=1)  # [G, N]
+            gain = _relu_gain(x, cur)  # complementary: gain where the group is weak
+        else:
+            srt = -np.sort(-members, axis=1)
+            thr = srt[:, n - 1, :]
+            gain = _relu_gain(x, thr)
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        groups[cols, t] = tranche[rows]
+    _refine_groups(a, groups, n, m, rng=rng, rounds=refine_rounds, deadline=deadline)
+    return groups.reshape(-1)
+
+
+def refine_block(a: np.ndarray, local: np.ndarray, n: int, m: int, *, rng: np.random.Generator, rounds: int = 8,
+                 deadline: float | None = None) -> np.ndarray:
+    """Slot-wise LSA refinement of a local permutation of one free block ``a [b, N]`` (never decreases kept sum)."""
+    if a.shape[0] // m <= 1 or n >= m:
+        return np.asarray(local).copy()
+    groups = np.asarray(local, dtype=np.int64).reshape(-1, m).copy()
+    _refine_groups(a, groups, n, m, rng=rng, rounds=rounds, deadline=deadline)
+    return groups.reshape(-1)
+
+
+def _refine_groups(a: np.ndarray, groups: np.ndarray, n: int, m: int, *, rng: np.random.Generator,
+                   rounds: int, deadline: float | None) -> None:
+    """In place: slot-wise LSA re-placement until a full round brings no gain (or ``rounds``/``deadline``)."""
+    G = groups.shape[0]
+    current = kept_sum(a[groups.reshape(-1)], n, m)
+    for _ in range(rounds):
+        improved = False
+        # shuffle members within each group so "slot s" is a different member each round
+        for h in range(G):
+            groups[h] = groups[h, rng.permutation(m)]
+        for s in range(m):
+            if deadline is not None and time.perf_counter() > deadline:
+                return
+            g = a[groups]  # [G, m, N]
+            base, thr = _others_topn(g, n, slots=(s,))
+            removed = groups[:, s].copy()
+            gain = base[None, :, s] + _relu_gain(a[removed], thr[:, s, :])  # [i removed, h group]
+            rows, cols = linear_sum_assignment(gain, maximize=True)
+            trial = groups.copy()
+            trial[cols, s] = removed[rows]
+            new_val = kept_sum(a[trial.reshape(-1)], n, m)  # exact (the gains are float32)
+            if new_val > current + 1e-12 * max(1.0, abs(current)):
+                groups[:] = trial
+                current = new_val
+                improved = True
+        if not improved:
+            return
+
+
+@dataclass
+class LsaMethod:
+    """RIA-style channel reallocation by linear sum assignment, refined slot by slot (per block)."""
+
+    name: str = "lsa"
+    seed: int = 0
+    refine_rounds: int = 8
+    budget_s: float | None = None
+
+    def solve(self, problem: PermutationProblem) -> np.ndarray:
+        a = stacked_importance(problem)
+        rng = np.random.default_rng(self.seed)
+        deadline = None if self.budget_s is None else time.perf_counter() + self.budget_s
+        perm = np.empty(problem.k, dtype=np.int64)
+        for s0 in block_starts(problem):
+            local = lsa_block(a[s0 : s0 + problem.block], problem.n, problem.m, rng=rng,
+                              refine_rounds=self.refine_rounds, deadline=deadline)
+            perm[s0 : s0 + problem.block] = s0 + local
+        return best_of(problem, [perm])
+
+
+# ----------------------------------------------------------------------------------------------- channel swap (Apex)
+
+
+class _SwapState:
+    """Greedy pairwise-swap search on one free block, with the swap-gain matrix kept up to date incrementally.
+
+    ``R[i, p]`` = change of the kept sum of the group at position p if channel i replaced the channel at position p.
+    The gain of swapping the channels at positions p and q (different groups) is ``R[ch[q], p] + R[ch[p], q]``;
+    swaps between disjoint group pairs are independent, so several are applied per iteration.
+    """
+
+    def __init__(self, a: np.ndarray, pos: np.ndarray, n: int, m: int):
+        self.a, self.n, self.m = a, n, m
+        self.b = a.shape[0]
+        self.G = self.b // m
+        self.pos = pos.copy()  # pos[p] = channel at position p
+        self.group_of_pos = np.arange(self.b) // m
+        self.R = np.empty((self.b, self.b))  # rows: channels, cols: positions
+        self._update_groups(np.arange(self.G))
+
+    def _update_groups(self, hs: np.ndarray) -> None:
+        m = self.m
+        g = self.a[self.pos.reshape(self.G, m)[hs]]  # [H, m, N]
+        base, thr = _others_topn(g, self.n)
+        cur = group_kept(g.reshape(-1, g.shape[-1]), self.n, m)  # [H]
+        cols = (hs[:, None] * m + np.arange(m)[None, :]).reshape(-1)
+        gain = _relu_gain(self.a, thr.reshape(-1, thr.shape[-1]))  # [b, H*m]
+        self.R[:, cols] = gain + (base - cur[:, None]).reshape(-1)[None, :]
+
+    def value(self) -> float:
+        return kept_sum(self.a[self.pos], self.n, self.m)
+
+    def step(self, max_swaps: int) -> float:
+        """Apply up to ``max_swaps`` improving swaps between disjoint group pairs; returns the total gain."""
+        Rp = self.R[self.pos]  # rows by position: Rp[q, p] = R[ch[q], p]
+        gain = Rp + Rp.T
+        same = self.group_of_pos[:, None] == self.group_of_pos[None, :]
+        gain[same] = -np.inf
+        gain[np.tril_indices(self.b)] = -np.inf
+        flat = gain.reshape(-1)
+        cand = min(flat.size, max(4 * max_swaps, 16))
+        top = np.argpartition(-flat, cand - 1)[:cand]
+        top = top[np.argsort(-flat[top], kind="stable")]
+        used: set[int] = set()
+        total = 0.0
+        touched = []
+        for f in top:
+            val = flat[f]
+            if not val > 1e-12:
+                break
+            p, q = divmod(int(f), self.b)
+            gp, gq = int(self.group_of_pos[p]), int(self.group_of_pos[q])
+            if gp in used or gq in used:
+                continue
+            used.update((gp, gq))
+            self.pos[p], self.pos[q] = self.pos[q], self.pos[p]
+            total += float(val)
+            touched += [gp, gq]
+            if len(touched) >= 2 * max_swaps:
+                break
+        if touched:
+            self._update_groups(np.array(sorted(set(touched))))
+        return total
+
+    def kick(self, rng: np.random.Generator, swaps: int) -> None:
+        """Random swaps between groups (to leave a local optimum)."""
+        touched = set()
+        for _ in range(swaps):
+            p, q = rng.choice(self.b, size=2, replace=False)
+            if self.group_of_pos[p] == self.group_of_pos[q]:
+                continue
+            self.pos[p], self.pos[q] = self.pos[q], self.pos[p]
+            touched.update((int(self.group_of_pos[p]), int(self.group_of_pos[q])))
+        if touched:
+            self._update_groups(np.array(sorted(touched)))
+
+
+def channel_swap_block(a: np.ndarray, init: np.ndarray, n: int, m: int, *, rng: np.random.Generator,
+                       max_iters: int, deadline: float | None, kicks: int, swaps_per_iter: int) -> np.ndarray:
+    """Greedy swap search (plus ``kicks`` perturbation restarts while time remains); returns the best local perm."""
+    if a.shape[0] // m <= 1 or n >= m:
+        return init.copy()
+    st = _SwapState(a, init, n, m)
+    best_pos, best_val = st.pos.copy(), st.value()
+    it = 0
+    for restart in range(kicks + 1):
+        if restart:
+            if deadline is None or time.perf_counter() > deadline:
+                break
+            st.pos = best_pos.copy()
+            st._update_groups(np.arange(st.G))
+            st.kick(rng, max(2, st.G // 8))
+        while it < max_iters:
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            it += 1
+            if st.step(swaps_per_iter) <= 0.0:
+                break
+        val = st.value()
+        if val > best_val + 1e-12:
+            best_pos, best_val = st.pos.copy(), val
+    return best_pos
+
+
+@dataclass
+class ChannelSwapMethod:
+    """Apex ASP-style channel swap: greedy pairwise swaps between groups that raise the kept N:M importance.
+
+    Starts from the LSA solution (``init="lsa"``) or the stripe/identity order (``init="identity"``). Every iteration
+    evaluates all pairwise swaps of a block at once and applies the best ones between disjoint group pairs. When it
+    converges and time (``budget_s``) is left, it perturbs the best solution with random swaps and searches again
+    (at most ``kicks`` times). Deterministic for a given seed when no deadline cuts it short.
+    """
+
+    name: str = "channel_swap"
+    seed: int = 0
+    budget_s: float | None = None
+    max_iters: int = 100_000
+    kicks: int = 1_000_000
+    init: str = "lsa"
+    swaps_per_iter: int = 16
+
+    def solve(self, problem: PermutationProblem) -> np.ndarray:
+        t0 = time.perf_counter()
+        a = stacked_importance(problem)
+        rng = np.random.default_rng(self.seed)
+        if self.init == "lsa":
+            init = LsaMethod(seed=self.seed).solve(problem)
+        else:
+            init = np.arange(problem.k)
+        nblocks = problem.k // problem.block
+        perm = np.empty(problem.k, dtype=np.int64)
+        for bi, s0 in enumerate(block_starts(problem)):
+            deadline = None
+            if self.budget_s is not None:
+                left = self.budget_s - (time.perf_counter() - t0)
+                deadline = time.perf_counter() + max(0.0, left) / (nblocks - bi)
+            loc_init = init[s0 : s0 + problem.block] - s0
+            local = channel_swap_block(a[s0 : s0 + problem.block], loc_init, problem.n, problem.m, rng=rng,
+                                       max_iters=self.max_iters, deadline=deadline,
+                                       kicks=self.kicks if self.budget_s is not None else 0,
+                                       swaps_per_iter=self.swaps_per_iter)
+            perm[s0 : s0 + problem.block] = s0 + local
+        return best_of(problem, [perm, init])

@@ -1,0 +1,106 @@
+"""Per-element importance scores for a prunable weight.
+
+All functions take a weight in ONNX ``MatMul`` layout ``W [K, N]``: rows are the K input (reduction) channels, the
+axis along which 2:4 groups run and the axis the learned permutation reorders; columns are the N output channels.
+``x_norm [K]`` is the per-input-channel activation norm ``||X_k||_2`` over all calibration tokens
+(:attr:`permsparse.optimizer.calibration.ActivationStats.norm`).
+
+Scores are non-negative ``float32`` arrays shaped like ``W`` (sums are taken in ``float64``).
+
+- ``magnitude``: ``|W|``.
+- ``wanda`` (Sun et al. 2023): ``|W_kn| * ||X_k||``.
+- ``ria`` (Zhang et al. 2024, "Plug-and-Play"): relative importance times activation norm to the power ``a``.
+  In their ``[out, in]`` convention ``RI_ij = |W_ij| / sum_j |W_ij| + |W_ij| / sum_i |W_ij|``: the first term
+  normalizes by everything feeding output ``i``, the second by everything fed by input ``j``. In our ``[K, N]``
+  layout output ``n`` is column ``n`` (sum over axis 0) and input ``k`` is row ``k`` (sum over axis 1), so
+  ``RI[k, n] = |W| / colsum_n + |W| / rowsum_k``; the activation factor ``||X_k||^a`` multiplies rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from permsparse.errors import PermsparseError
+
+logger = logging.getLogger(__name__)
+
+IMPORTANCES: tuple[str, ...] = ("magnitude", "wanda", "ria")
+"""Names accepted by :func:`compute_importance`."""
+
+RIA_DEFAULT_A = 0.5
+
+
+def _as_weight(W: Any) -> np.ndarray:
+    w = np.asarray(W)
+    if w.ndim != 2:
+        raise PermsparseError(f"importance needs a 2-D weight [K, N] (MatMul layout), got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        w = w.astype(np.float32)
+    return w
+
+
+def _as_norm(x_norm: Any, k: int, method: str) -> np.ndarray:
+    x = np.asarray(x_norm, dtype=np.float64).reshape(-1)
+    if x.shape != (k,):
+        raise PermsparseError(
+            f"{method}: activation norms have {x.shape[0]} channels but the weight has K={k} input rows; "
+            "pass the norms of the tensor this weight reads (its MatMul A input)"
+        )
+    if not np.all(np.isfinite(x)) or np.any(x < 0):
+        raise PermsparseError(
+            f"{method}: activation norms must be finite and non-negative; recollect calibration statistics "
+            "(NaN/inf usually means the model overflows in fp16 on the calibration data)"
+        )
+    return x
+
+
+def magnitude(W: np.ndarray) -> np.ndarray:
+    """``|W|`` as ``float32`` ``[K, N]``."""
+    return np.abs(_as_weight(W)).astype(np.float32, copy=False)
+
+
+def wanda(W: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
+    """Wanda score ``|W[k, n]| * x_norm[k]`` (``x_norm[k] = ||X_k||_2`` over calibration tokens), ``float32 [K, N]``."""
+    w = _as_weight(W)
+    x = _as_norm(x_norm, w.shape[0], "wanda")
+    return (np.abs(w).astype(np.float64) * x[:, None]).astype(np.float32)
+
+
+def ria(W: np.ndarray, x_norm: np.ndarray, a: float = RIA_DEFAULT_A) -> np.ndarray:
+    """RIA score ``(|W|/sum_row|W| + |W|/sum_col|W|) * x_norm[:, None] ** a`` for ``W [K, N]``, ``float32``.
+
+    ``sum_row`` is the sum over a row (all outputs fed by input channel ``k``), ``sum_col`` over a column (all inputs
+    of output ``n``); the relative-importance term is symmetric in the two, so it equals the paper's
+    ``|W_ij|/sum_j|W_ij| + |W_ij|/sum_i|W_ij|`` for their ``[out, in]`` matrix. All-zero rows/columns contribute 0.
+    """
+    w = np.abs(_as_weight(W)).astype(np.float64)
+    x = _as_norm(x_norm, w.shape[0], "ria")
+    row = w.sum(axis=1, keepdims=True)  # [K, 1]
+    col = w.sum(axis=0, keepdims=True)  # [1, N]
+    rel = np.divide(w, row, out=np.zeros_like(w), where=row > 0)
+    rel += np.divide(w, col, out=np.zeros_like(w), where=col > 0)
+    return (rel * (x[:, None] ** float(a))).astype(np.float32)
+
+
+def compute_importance(name: str, W: np.ndarray, x_norm: np.ndarray | None = None, *, a: float = RIA_DEFAULT_A) -> np.ndarray:
+    """Importance ``name`` (one of :data:`IMPORTANCES`) of ``W [K, N]``; ``x_norm [K]`` for ``wanda``/``ria``.
+
+    Raises:
+        PermsparseError: unknown name, wrong shapes, or an activation-aware score without ``x_norm``.
+    """
+    key = str(name).strip().lower()
+    if key not in IMPORTANCES:
+        raise PermsparseError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
+    if key == "magnitude":
+        return magnitude(W)
+    if x_norm is None:
+        raise PermsparseError(
+            f"importance {key!r} needs calibration data (per-channel activation norms); pass --calib DATA "
+            "(or omit it to use the built-in texts for text models), or use --importance magnitude"
+        )
+    if key == "wanda":
+        return wanda(W, x_norm)
+    return ria(W, x_norm, a=a)

@@ -1,0 +1,296 @@
+"""Learned permutations: a learnable cost matrix per window, Sinkhorn relaxation, Hungarian rounding.
+
+For every *window* (``window`` channels = ``window/m`` whole N:M groups inside one constraint block) a cost matrix
+``C [w, w]`` is learned. The soft permutation is ``P = Sinkhorn(C / tau)`` (log domain, ``tau`` annealed), the
+permuted importance ``P @ A`` is masked by a differentiable top-n-of-m selection and the loss is minus the kept
+share (siblings normalized by their total importance, as :func:`~permsparse.optimizer.base.retained_share`).
+The hard permutation is the Hungarian assignment of ``C`` (``linear_sum_assignment``), optionally used in the forward
+pass with a straight-through estimator (PermLLM). Windows are sets of whole groups, so the objective is additive over
+windows: every window keeps the best hard assignment seen (evaluated exactly), which makes the result never worse
+than the initialisation. Windows are formed from the initial (LSA) order in the first round and re-drawn (random
+groups of groups, seeded) in the next rounds so channels can travel across the whole block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from permsparse.errors import PermsparseError
+from permsparse.optimizer.base import PermutationProblem, check_permutation, retained_share
+from permsparse.optimizer.baselines import LsaMethod, refine_block, stacked_importance
+
+OBJECTIVES = ("importance", "output")
+INITS = ("lsa", "identity")
+
+
+@dataclass(frozen=True)
+class LearnedConfig:
+    """Knobs of :class:`LearnedMethod` (defaults tuned on all-MiniLM-L6-v2 magnitude importance, CPU).
+
+    Attributes:
+        window: channels per learned cost matrix (a multiple of m; capped by and made to divide the constraint block).
+        rounds: number of window partitions; round 0 uses consecutive groups of the init order, later rounds random ones.
+        iterations: Adam steps per round.
+        lr: Adam learning rate on the cost matrices.
+        tau_start, tau_end: Sinkhorn temperature, annealed linearly over each round.
+        sinkhorn_iters: log-domain Sinkhorn normalizations per step.
+        init_scale: the cost matrices start at ``init_scale * I`` (the current order) plus ``init_noise`` noise.
+        init_noise: standard deviation of the initial noise on the cost matrices.
+        select_temp: temperature of the soft top-n-of-m mask, relative to each column's mean importance.
+        ste: straight-through estimator: forward with the Hungarian hard permutation, backward through the soft one.
+        objective: ``"importance"`` (kept share) or ``"output"`` (‖X W − X Pᵀ(M ⊙ P W)‖² on ``problem.activations``
+            and ``problem.weights``, window-diagonal approximation); falls back to importance without them.
+        init: ``"lsa"`` (refine the LSA solution) or ``"identity"``.
+        eval_every: steps between exact evaluations of the Hungarian rounding.
+        refine: after each round, polish the rounded permutation with the exact slot-wise LSA refinement of
+            :mod:`~permsparse.optimizer.baselines` (when a round finds no improving window, its last rounding serves as
+            a perturbation that the refinement starts from); the round's result is kept only if it is not worse.
+        refine_rounds: refinement sweeps per round.
+        max_tokens: activation rows used by the output objective.
+        seed: seeds torch and the window draws.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        budget_s: wall-time limit for one solve (None: no limit); the best permutation so far is returned.
+    """
+
+    window: int = 64
+    rounds: int = 4
+    iterations: int = 40
+    lr: float = 0.3
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    sinkhorn_iters: int = 8
+    init_scale: float = 1.0
+    init_noise: float = 0.1
+    select_temp: float = 0.3
+    ste: bool = False
+    objective: str = "importance"
+    init: str = "lsa"
+    eval_every: int = 10
+    max_tokens: int = 512
+    refine: bool = True
+    refine_rounds: int = 4
+    seed: int = 0
+    device: str = "auto"
+    budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise PermsparseError(f"learned objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.init not in INITS:
+            raise PermsparseError(f"learned init must be one of {INITS}, got {self.init!r}")
+        if self.window < 4 or self.iterations < 1 or self.rounds < 1:
+            raise PermsparseError("learned: window >= 4, iterations >= 1 and rounds >= 1 are required")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def log_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Log of a (nearly) doubly-stochastic matrix from ``logits [..., w, w]`` (rows, then columns, ``iters`` times)."""
+    z = logits
+    for _ in range(iters):
+        z = z - torch.logsumexp(z, dim=-1, keepdim=True)
+        z = z - torch.logsumexp(z, dim=-2, keepdim=True)
+    return z
+
+
+def hungarian(cost: np.ndarray) -> np.ndarray:
+    """``sigma`` maximizing ``sum cost[a, sigma[a]]`` for each ``[..., w, w]`` matrix (``sigma[a]``: source row of slot a)."""
+    cost = np.asarray(cost, dtype=np.float64)
+    flat = cost.reshape(-1, cost.shape[-2], cost.shape[-1])
+    out = np.empty(flat.shape[:2], dtype=np.int64)
+    for i, c in enumerate(flat):
+        rows, cols = linear_sum_assignment(c, maximize=True)
+        out[i, rows] = cols
+    return out.reshape(cost.shape[:-1])
+
+
+def soft_topn(x: torch.Tensor, n: int, temp: torch.Tensor) -> torch.Tensor:
+    """Soft N-of-M mask of ``x [..., m, N]`` along the m axis: sigmoid((x − thr) / temp), thr between the n-th and
+    (n+1)-th largest value of each group (exactly 0/1 as temp → 0)."""
+    top = torch.topk(x, n + 1, dim=-2).values
+    thr = 0.5 * (top[..., n - 1 : n, :] + top[..., n : n + 1, :])
+    return torch.sigmoid((x - thr) / temp)
+
+
+def hard_topn(x: torch.Tensor, n: int) -> torch.Tensor:
+    idx = torch.topk(x, n, dim=-2).indices
+    return torch.zeros_like(x).scatter_(-2, idx, 1.0)
+
+
+def pick_window(block: int, window: int, m: int) -> int:
+    """Largest multiple of m that divides ``block`` and is <= ``window`` (at least m)."""
+    best = m
+    for w in range(m, min(block, window) + 1, m):
+        if block % w == 0:
+            best = w
+    return best
+
+
+@dataclass
+class LearnedMethod:
+    """Sinkhorn-relaxed learned permutation per window, rounded by Hungarian, never worse than its initialisation."""
+
+    config: LearnedConfig = LearnedConfig()
+    name: str = "learned"
+
+    # stats of the last solve (for benches/logs)
+    last_stats: dict | None = None
+
+    def solve(self, problem: PermutationProblem) -> np.ndarray:
+        cfg = self.config
+        t0 = time.perf_counter()
+        deadline = None if cfg.budget_s is None else t0 + cfg.budget_s
+        k, m, n = problem.k, problem.m, problem.n
+        if cfg.init == "lsa":
+            lsa_budget = None if cfg.budget_s is None else 0.5 * cfg.budget_s
+            perm = LsaMethod(seed=cfg.seed, budget_s=lsa_budget).solve(problem)
+        else:
+            perm = np.arange(k)
+        init_perm = perm.copy()
+        t_init = time.perf_counter() - t0
+        if n >= m or k // m <= 1:
+            return perm
+
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+        a_np = stacked_importance(problem)
+        # rescale to O(1) entries: Adam is scale-free and float32 denormals would slow the CPU down a hundredfold
+        a_np = a_np / max(float(a_np.mean()), 1e-300)
+        a_all = torch.as_tensor(a_np, dtype=torch.float32, device=device)
+        colscale = a_all.mean(dim=0).clamp_min(1e-30)  # [N]
+        out_mode = cfg.objective == "output" and problem.activations is not None and problem.weights is not None
+        if out_mode:
+            x_all, w_all = self._output_data(problem, device)
+        a_blocks = [a_np[s0 : s0 + problem.block] for s0 in range(0, k, problem.block)]
+        w = pick_window(problem.block, cfg.window, m)
+        groups_per_block = problem.block // m
+        gpw = w // m
+        steps_done = 0
+        for r in range(cfg.rounds):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            # windows: [W, w] positions; each row is a union of gpw whole groups of one block
+            rows = []
+            for s0 in range(0, k, problem.block):
+                gorder = np.arange(groups_per_block)
+                if r > 0:
+                    gorder = rng.permutation(groups_per_block)
+                for j in range(0, groups_per_block, gpw):
+                    gs = np.sort(gorder[j : j + gpw])
+                    rows.append((s0 + gs[:, None] * m + np.arange(m)[None, :]).reshape(-1))
+            idx = np.stack(rows)  # [W, w]
+            src = perm[idx]  # canonical channels currently at those positions
+            src_t = torch.as_tensor(src, device=device)
+            aw = a_all[src_t]  # [W, w, N]
+            if out_mode:
+                xw = x_all[:, src_t].permute(1, 0, 2)  # [W, T, w]
+                ww = w_all[src_t]  # [W, w, N]
+            nw = idx.shape[0]
+            eye = torch.eye(w, device=device).expand(nw, w, w)
+            noise = torch.randn((nw, w, w), generator=gen).to(device) * cfg.init_noise
+            cost = (cfg.init_scale * eye + noise).clone().requires_grad_(True)
+            opt = torch.optim.Adam([cost], lr=cfg.lr)
+
+            def exact(sig: np.ndarray) -> np.ndarray:
+                """Per-window score (higher is better) of hard assignments ``sig [W, w]``."""
+                sig_t = torch.as_tensor(sig, device=device)
+                with torch.no_grad():
+                    xp = torch.gather(aw, 1, sig_t[..., None].expand(-1, -1, aw.shape[-1]))
+                    g = xp.reshape(nw, gpw, m, -1)
+                    if not out_mode:
+                        keep = torch.topk(g, n, dim=-2).values.sum(dim=(-2, -1))
+                        return keep.sum(dim=1).double().cpu().numpy()
+                    mask = hard_topn(g, n).reshape(nw, w, -1)
+                    wp = torch.gather(ww, 1, sig_t[..., None].expand(-1, -1, ww.shape[-1]))
+                    xs = torch.gather(xw, 2, sig_t[:, None, :].expand(-1, xw.shape[1], -1))
+                    err = torch.bmm(xs, (1.0 - mask) * wp)
+                    return (-(err**2).sum(dim=(1, 2))).double().cpu().numpy()
+
+            best_sig = np.tile(np.arange(w), (nw, 1))
+            best_val = exact(best_sig)
+            for it in range(cfg.iterations):
+                frac = it / max(1, cfg.iterations - 1)
+                tau = cfg.tau_start + (cfg.tau_end - cfg.tau_start) * frac
+                logp = log_sinkhorn(cost / tau, cfg.sinkhorn_iters)
+                p = logp.exp()
+                if cfg.ste:
+                    sig_t = torch.as_tensor(hungarian(cost.detach().cpu().numpy()), device=device)
+                    hard = torch.zeros_like(p).scatter_(-1, sig_t[..., None], 1.0)
+                    p = hard + p - p.detach()
+                xp = torch.bmm(p, aw).reshape(nw, gpw, m, -1)
+                mask = soft_topn(xp, n, cfg.select_temp * colscale)
+                if not out_mode:
+                    loss = -(mask * xp).sum()
+                else:
+                    wp = torch.bmm(p, ww)
+                    xs = torch.bmm(xw, p.transpose(1, 2))
+                    err = torch.bmm(xs, (1.0 - mask.reshape(nw, w, -1)) * wp)
+                    loss = (err**2).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps_done += 1
+                last = it == cfg.iterations - 1
+                if (it + 1) % cfg.eval_every == 0 or last:
+                    sig = hungarian(cost.detach().cpu().numpy())
+                    val = exact(sig)
+                    better = val > best_val + 1e-12 * np.abs(best_val).clip(min=1e-30)
+                    best_sig[better] = sig[better]
+                    best_val = np.where(better, val, best_val)
+                    if deadline is not None and time.perf_counter() > deadline:
+                        break
+            # apply the best assignment of every window: slot a of window takes the channel at its position best_sig[a]
+            # (or, with refine, the last rounding as a perturbation that the exact LSA refinement then polishes)
+            improved = (best_sig != np.arange(w)).any(axis=1)
+            chosen = best_sig if (improved.any() or not cfg.refine) else np.where(improved[:, None], best_sig, sig)
+            cand = perm.copy()
+            cand[idx] = np.take_along_axis(src, chosen, axis=1)
+            if cfg.refine:
+                for s0 in range(0, k, problem.block):
+                    loc = cand[s0 : s0 + problem.block] - s0
+                    cand[s0 : s0 + problem.block] = s0 + refine_block(
+                        a_blocks[s0 // problem.block], loc, n, m, rng=rng, rounds=cfg.refine_rounds)
+            if retained_share(problem, cand) >= retained_share(problem, perm):
+                perm = cand
+        check_permutation(perm, k, problem.block)
+        # exact guard (retained share for the importance objective): never worse than the initialisation
+        if not out_mode and retained_share(problem, perm) < retained_share(problem, init_perm):
+            perm = init_perm
+        self.last_stats = {"seconds": time.perf_counter() - t0, "init_seconds": t_init, "steps": steps_done,
+                           "window": w, "device": str(device)}
+        return perm
+
+    def _output_data(self, problem: PermutationProblem, device: torch.device):
+        cfg = self.config
+        x = np.asarray(problem.activations, dtype=np.float32)
+        if x.shape[0] > cfg.max_tokens:
+            sel = np.random.default_rng(cfg.seed).choice(x.shape[0], cfg.max_tokens, replace=False)
+            x = x[np.sort(sel)]
+        parts = []
+        for wgt in problem.weights:
+            wgt = np.asarray(wgt, dtype=np.float32)
+            scale = float(np.linalg.norm(x @ wgt)) or 1.0
+            parts.append(wgt / scale)
+        x_t = torch.as_tensor(x, device=device)
+        w_t = torch.as_tensor(np.concatenate(parts, axis=1), device=device)
+        return x_t, w_t
+
+
+def default_window(problem: PermutationProblem, config: LearnedConfig) -> int:
+    return pick_window(problem.block, config.window, problem.m)
+
+
+__all__ = ["LearnedConfig", "LearnedMethod", "log_sinkhorn", "hungarian", "soft_topn", "pick_window",
+           "resolve_device"]

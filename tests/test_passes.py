@@ -1,0 +1,160 @@
+"""Analysis, fold, sparsify and verify passes on real exported graphs (both exporters)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from permsparse.passes.analysis import analyze
+from permsparse.passes.fold import apply_fold, plan_units
+from permsparse.passes.probe import probe, random_feeds, resolve_shapes
+from permsparse.passes.sparsify import apply_masks, check_nm, nm_report
+from permsparse.passes.verify import check_equivalent
+
+from conftest import EXPORTERS, MODELS
+
+RTOL = 1e-4
+
+
+def _plan(path):
+    model = onnx.load(str(path))
+    pr = probe(model, random_feeds(model, resolve_shapes(model)))
+    graph = gs.import_onnx(model)
+    return model, graph, analyze(graph, pr)
+
+
+def _feeds(model):
+    return [random_feeds(model, resolve_shapes(model, batch=2, seq=s), seed=s) for s in (5, 11)]
+
+
+def _roles(closure, plan):
+    """Which weights' rows/cols are members of ``closure``, by weight node name."""
+    by_const = {w.const: w.name for w in plan.weights.values()}
+    rows = sorted(by_const[mb.const] for mb in closure.members if mb.role == "rows" and mb.const in by_const)
+    cols = sorted(by_const[mb.const] for mb in closure.members if mb.role == "cols" and mb.const in by_const)
+    return rows, cols
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_minilm_closures(exported, exporter):
+    _, _, plan = _plan(exported("minilm", exporter))
+    assert len(plan.weights) == 36
+    assert all(w.prunable for w in plan.weights.values())
+    shapes = sorted((w.k, w.n) for w in plan.weights.values())
+    assert shapes.count((384, 384)) == 24 and shapes.count((384, 1536)) == 6 and shapes.count((1536, 384)) == 6
+    heads = [c for c in plan.closures if c.block == 32]
+    mlp = [c for c in plan.closures if c.k == 1536]
+    residual = [c for c in plan.closures if len(c.siblings) == 24]
+    assert len(heads) == 6 and len(mlp) == 6 and len(residual) == 1
+    for c in heads:  # O-projection folds into V with one permutation per head (block 32, 12 classes)
+        assert c.foldable and c.n_classes == 12 and len(c.siblings) == 1
+        rows, cols = _roles(c, plan)
+        assert len(rows) == 1 and len(cols) == 1
+        assert any(mb.role == "param" for mb in c.members)  # V's bias
+    for c in mlp:  # down-projection folds into up-projection (+ its bias)
+        assert c.foldable and c.block == 1536 and len(c.siblings) == 1
+        rows, cols = _roles(c, plan)
+        assert plan.weights[rows[0]].k == 1536 and plan.weights[cols[0]].n == 1536
+    res = residual[0]
+    assert len(res.groups) == 12 and not res.foldable
+    assert [b.reason for b in res.boundaries] == ["graph output 'last_hidden_state'"]
+    assert sum(mb.role == "table" for mb in res.members) == 3  # word, position, token-type embeddings
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_llama_closures(exported, exporter):
+    _, _, plan = _plan(exported("llama", exporter))
+    lm_head = [w for w in plan.weights.values() if w.head]
+    assert len(lm_head) == 1 and not lm_head[0].prunable
+    heads = [c for c in plan.closures if c.block < c.k or c.k < 64]
+    assert len(heads) == 2
+    for c in heads:  # GQA: 4 query heads share 2 KV heads -> O rows map onto 2 tied classes of head_dim 16
+        assert c.foldable and c.block == 16 and c.n_classes == 2 and c.k == 32
+        o_rows = next(mb for mb in c.members if mb.role == "rows")
+        assert list(o_rows.block_map) == [0, 0, 1, 1]
+    mlp = [c for c in plan.closures if c.k == 128]
+    for c in mlp:  # down folds into gate and up
+        rows, cols = _roles(c, plan)
+        assert len(rows) == 1 and len(cols) == 2 and c.foldable
+    res = max(plan.closures, key=lambda c: len(c.siblings))
+    assert res.foldable  # absorbed by the embedding table and lm_head
+    assert len(res.groups) == 5  # (q,k,v) and (gate,up) per layer, plus lm_head
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_vit_closures(exported, exporter):
+    _, _, plan = _plan(exported("vit", exporter))
+    res = max(plan.closures, key=lambda c: len(c.siblings))
+    assert not res.foldable
+    assert any("Transpose moves the channel axis" in b.reason for b in res.boundaries)  # after the conv stem
+    heads = [c for c in plan.closures if c.block == 16]
+    assert len(heads) == 2 and all(c.foldable and c.n_classes == 4 for c in heads)
+
+
+EXPECTED_GATHERS = {
+    ("minilm", "fold"): 0, ("minilm", "global"): 1, ("minilm", "local"): 12,
+    ("vit", "fold"): 0, ("vit", "global"): 1, ("vit", "local"): 4,
+    ("llama", "fold"): 0, ("llama", "global"): 0, ("llama", "local"): 4,
+}
+
+
+@pytest.mark.parametrize("policy", ("fold", "global", "local"))
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", MODELS)
+def test_random_permutations_fold_exactly(exported, name, exporter, policy):
+    """Any constraint-respecting permutation, folded, leaves the function unchanged (fp32, rtol 1e-4)."""
+    model, graph, plan = _plan(exported(name, exporter))
+    units = plan_units(plan, policy)
+    rng = np.random.default_rng(0)
+    perms = {
+        u.name: np.concatenate([rng.permutation(u.block) + i * u.block for i in range(u.k // u.block)])
+        for u in units.units
+    }
+    result = apply_fold(graph, plan, units.units, perms)
+    assert len(result.gathers) == units.gathers_planned == EXPECTED_GATHERS[(name, policy)]
+    out = gs.export_onnx(graph)
+    onnx.checker.check_model(out)
+    eq = check_equivalent(model, out, _feeds(model), rtol=RTOL)
+    assert eq.ok, eq
+    # the permutation really changed weights (a no-op fold would pass the check too)
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    changed = [k for k in before if k in after and not np.array_equal(before[k], after[k])]
+    assert len(changed) >= len(units.units)
+
+
+def test_corrupted_fold_is_caught(exported):
+    """The equivalence check fails when one member is left out of the fold."""
+    model, graph, plan = _plan(exported("minilm", "legacy"))
+    units = plan_units(plan, "fold")
+    unit = next(u for u in units.units if plan.closures[u.closure].block == 1536)
+    closure = plan.closures[unit.closure]
+    closure.members = [mb for mb in closure.members if mb.role != "param"]  # forget the bias
+    perm = np.random.default_rng(1).permutation(unit.k)
+    apply_fold(graph, plan, [unit], {unit.name: perm})
+    eq = check_equivalent(model, gs.export_onnx(graph), _feeds(model), rtol=RTOL)
+    assert not eq.ok and eq.max_rel_error > 1e-2
+
+
+@pytest.mark.parametrize("pattern", [(2, 4), (4, 8)])
+def test_masks_are_nm_along_k(exported, pattern):
+    n, m = pattern
+    model = onnx.load(str(exported("minilm", "legacy")))
+    pr = probe(model, random_feeds(model, resolve_shapes(model)))
+    graph = gs.import_onnx(model)
+    plan = analyze(graph, pr, n=n, m=m)
+    stats = apply_masks(graph, plan, list(plan.weights))
+    assert all(abs(s.density - n / m) < 1e-3 for s in stats)
+    assert all(nm_report(graph, plan).values())
+    assert all(0.5 < s.kept_magnitude < 1.0 for s in stats)
+
+
+def test_check_nm_by_hand():
+    w = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]])  # K=4 rows, N=2 columns
+    assert check_nm(w, 0, 2, 4)
+    w[3, 0] = 5.0  # column 0 now has 3 non-zeros in its group of 4
+    assert not check_nm(w, 0, 2, 4)
+    assert check_nm(w.T, 1, 3, 4)
+    assert not check_nm(np.ones((6, 2)), 0, 2, 4)  # K not divisible by M
