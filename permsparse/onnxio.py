@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from permsparse.errors import PermsparseError
 
@@ -20,13 +22,20 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _HALF_TYPES = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data) and check it, raising :class:`PermsparseError` on bad input."""
+def load_model(path: str | os.PathLike[str], *, lazy: bool = False) -> onnx.ModelProto:
+    """Load an ONNX model and check it, raising :class:`PermsparseError` on bad input.
+
+    ``lazy=True`` leaves external data on disk (tensors keep their references); use
+    :func:`permsparse.passes.graph.import_graph` with the model's folder to read them on demand.
+    """
     p = Path(path)
     if not p.is_file():
         raise PermsparseError(f"{p}: no such file. Give the path of an .onnx model.")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=False)
+        external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+        if external and not lazy:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:  # protobuf raises several types
         raise PermsparseError(
             f"{p}: cannot be read as ONNX ({type(exc).__name__}: {exc}). "
@@ -35,19 +44,22 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not model.graph.node:
         raise PermsparseError(f"{p}: the ONNX graph has no nodes; export the model again.")
     try:
-        # Models over 2 GiB cannot be checked in memory; the path variant reads external data itself.
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(p))
+        # With external data the checker reads the file itself (and checks that the data file is there).
+        onnx.checker.check_model(str(p) if external else model)
     except Exception as exc:
         raise PermsparseError(f"{p}: the ONNX checker rejects this model: {exc}") from None
     return model
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializers (what decides whether external data is needed)."""
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    """Bytes of all initializers, stored inline or externally (what decides whether external data is needed)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            total += int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        else:
+            total += len(t.raw_data) or t.ByteSize()
+    return total
 
 
 def check_float32(model: onnx.ModelProto, path: str | os.PathLike[str] = "model") -> None:
@@ -60,36 +72,130 @@ def check_float32(model: onnx.ModelProto, path: str | os.PathLike[str] = "model"
         )
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    transform: Mapping[str, Transform] | None = None,
+) -> Path:
     """Write ``model`` to ``path`` atomically (write into a temp folder beside it, then rename).
 
-    ``external_data=None`` picks external data (one ``<name>.data`` file beside the model) when the weights exceed
-    :data:`EXTERNAL_DATA_THRESHOLD`. Never leaves a half-written file behind; ``model`` is unchanged afterwards.
+    ``external_data=None`` picks external data (one ``<name>.data`` file beside the model) when the model already
+    keeps weights externally or they exceed :data:`EXTERNAL_DATA_THRESHOLD`. External data is written by streaming one
+    tensor at a time: tensors already on disk (relative to ``base_dir``, or by absolute path) are copied without being
+    held in memory, and ``transform[name]`` (e.g. a mask) is applied to a tensor on its way out. In that mode the
+    initializers of ``model`` are rewritten to reference the new data file. Never leaves a half-written file behind.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    transform = dict(transform or {})
     if external_data is None:
-        external_data = model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = _has_external(model) or model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(transform)
     data_name = out.name + ".data"
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_dir:
         tmp = Path(tmp_dir) / out.name
         if external_data:
-            onnx.save_model(
-                model,
-                str(tmp),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
+            _write_streaming(model, Path(tmp_dir) / data_name, data_name, base_dir, transform)
+            onnx.save_model(model, str(tmp))
             os.replace(Path(tmp_dir) / data_name, out.parent / data_name)
-            os.replace(tmp, out)
-            # save_model turned the in-memory tensors into references to the data file; read them back in.
-            onnx.external_data_helper.load_external_data_for_model(model, str(out.parent))
         else:
             onnx.save_model(model, str(tmp))
-            os.replace(tmp, out)
+        os.replace(tmp, out)
     return out
+
+
+_CHUNK = 64 << 20
+_ALIGN = 4096
+
+
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _write_streaming(model, data_path: Path, data_name: str, base_dir, transform: Mapping[str, Transform]) -> None:
+    from permsparse.passes.graph import external_info, read_external
+
+    offset = 0
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            external = t.data_location == TensorProto.EXTERNAL
+            fn = transform.get(t.name)
+            if fn is not None:
+                arr = read_external(t, base_dir or "") if external else numpy_helper.to_array(t)
+                new = numpy_helper.from_array(np.ascontiguousarray(fn(arr)), t.name)
+                payload: bytes | None = new.raw_data
+                t.ClearField("dims")
+                t.dims.extend(new.dims)
+                t.data_type = new.data_type
+            elif external:
+                payload = None
+            elif t.ByteSize() < 1024:
+                continue  # small constants stay inline
+            else:
+                payload = t.raw_data or numpy_helper.to_array(t).tobytes()
+            pad = (-offset) % _ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            if payload is None:
+                location, src_offset, length = external_info(t)
+                src = location if os.path.isabs(location) else os.path.join(base_dir or "", location)
+                if length is None:
+                    length = int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                with open(src, "rb") as g:
+                    g.seek(src_offset)
+                    left = length
+                    while left:
+                        chunk = g.read(min(_CHUNK, left))
+                        if not chunk:
+                            raise PermsparseError(f"external data of {t.name!r} is truncated in {src}")
+                        f.write(chunk)
+                        left -= len(chunk)
+            else:
+                length = len(payload)
+                f.write(payload)
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field)
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            offset += length
+
+
+def spill_constants(graph, names: set[str], folder: str | os.PathLike[str]) -> None:
+    """Move the in-memory values of constants ``names`` of a gs graph to a data file in ``folder``.
+
+    Each constant then reads its values from that file on demand (:class:`permsparse.passes.graph.ExternalValues`), so
+    the permuted weights of a big model are not held in memory while it is verified and written.
+    """
+    import onnx_graphsurgeon as gs
+
+    from permsparse.passes.graph import ExternalValues
+
+    path = Path(folder) / f"spill-{len(list(Path(folder).glob('spill-*')))}.data"
+    offset = 0
+    with open(path, "wb") as f:
+        for t in graph.tensors().values():
+            if not isinstance(t, gs.Constant) or t.name not in names or not isinstance(t._values, np.ndarray):
+                continue
+            arr = np.ascontiguousarray(t._values)
+            proto = TensorProto()
+            proto.name = t.name
+            proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+            proto.dims.extend(arr.shape)
+            proto.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", str(path.resolve())), ("offset", str(offset)), ("length", str(arr.nbytes))):
+                entry = proto.external_data.add()
+                entry.key, entry.value = key, value
+            f.write(arr.tobytes())
+            offset += arr.nbytes
+            t._values = ExternalValues(proto, folder)
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,12 +23,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from permsparse.errors import PermsparseError
-from permsparse.onnxio import check_float32, load_model, save_model
+from permsparse.onnxio import check_float32, load_model, save_model, spill_constants
 from permsparse.optimizer.base import PermutationProblem
 from permsparse.passes.analysis import Plan, analyze
 from permsparse.passes.fold import FoldResult, Unit, UnitPlan, apply_fold, block_perm, plan_units
-from permsparse.passes.probe import probe, random_feeds, resolve_shapes
-from permsparse.passes.sparsify import MaskStats, apply_masks, nm_report
+from permsparse.passes.graph import ConstRef, const_index, import_graph, uses_external_data
+from permsparse.passes.probe import probe, probe_runner, random_feeds, resolve_shapes
+from permsparse.passes.sparsify import MaskStats, apply_masks, k_major, mask_weight
 from permsparse.passes.verify import DEFAULT_RTOL, Equivalence, compare, run_outputs
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,6 @@ class OptimizeResult:
     masks: list[MaskStats]
     nm_valid: dict[str, bool]
     selected: list[str]
-    importances: dict[str, np.ndarray] = field(default_factory=dict)  # per weight, [K, N], input channel order
     x_norms: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     output: Path | None = None
@@ -107,31 +108,49 @@ def _check_inference_mode(model: onnx.ModelProto, path: Path) -> None:
                 )
 
 
-def load_checked(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Load an input model and refuse what permsparse cannot optimize, with a message saying what to do."""
-    model = load_model(path)
+def load_checked(path: str | os.PathLike[str], *, lazy: bool = True) -> onnx.ModelProto:
+    """Load an input model and refuse what permsparse cannot optimize, with a message saying what to do.
+
+    ``lazy``: leave external data on disk (read per weight, on demand).
+    """
+    model = load_model(path, lazy=lazy)
     check_float32(model, path)
     _check_inference_mode(model, Path(path))
     return model
 
 
 def optimize(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None, config: OptimizeConfig | None = None) -> OptimizeResult:
-    """Run the whole pipeline on ``src`` and (unless ``dst`` is None) write the result to ``dst``."""
+    """Run the whole pipeline on ``src`` and (unless ``dst`` is None) write the result to ``dst``.
+
+    Big models (weights in an external data file) are never held twice: weights are read from disk when a pass needs
+    them, permuted weights are spilled to a temporary data file, and masks are applied while the output is streamed
+    to disk one tensor at a time.
+    """
     cfg = config or OptimizeConfig()
     src_p, dst_p = Path(src), (Path(dst) if dst is not None else None)
     _check_paths(src_p, dst_p)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    # load -> probe (shapes) and reference outputs, in one onnxruntime session that is closed before the graph work
     model = load_checked(src_p)
+    base_dir = src_p.parent
+    external = uses_external_data(model)
     shapes = resolve_shapes(model, cfg.input_shapes)
-    pr = probe(model, random_feeds(model, shapes, seed=cfg.seed))
     verify_feeds = _verify_feeds(model, cfg)
-    reference = run_outputs(model, verify_feeds)
+    runner = probe_runner(model, base_dir=base_dir)
+    try:
+        pr = probe(model, random_feeds(model, shapes, seed=cfg.seed), runner=runner)
+        outputs = [o.name for o in model.graph.output]
+        reference = [runner.run(f, outputs) for f in verify_feeds]
+    finally:
+        runner.close()
+        del runner
     timings["load+probe"] = time.perf_counter() - t0
 
+    # analyze
     t = time.perf_counter()
-    graph = gs.import_onnx(model)
+    graph = import_graph(model, base_dir)
     plan = analyze(graph, pr, n=cfg.n, m=cfg.m, prune_head=cfg.prune_head, exclude=cfg.exclude)
     selected = [w.name for w in plan.weights.values() if w.prunable]
     if not selected:
@@ -141,45 +160,66 @@ def optimize(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None, co
     units = plan_units(plan, cfg.policy)
     timings["analyze"] = time.perf_counter() - t
 
+    # calibrate -> importance -> learn, one chunk of units at a time (bounded memory)
     t = time.perf_counter()
-    x_norms = _calibrate(model, plan, selected, cfg) if cfg.importance != "magnitude" else {}
-    importances = {name: _importance(plan, name, graph, cfg.importance, x_norms) for name in selected}
+    x_norms = _calibrate(src_p if external else model, plan, selected, cfg) if cfg.importance != "magnitude" else {}
+    consts = const_index(graph)
     timings["calibrate"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    problems = [_problem(plan, u, importances, cfg) for u in units.units]
-    perms, reports = _solve(problems, units.units, cfg)
+    perms, reports = _solve(plan, units.units, consts, x_norms, cfg)
     timings["learn"] = time.perf_counter() - t
 
+    # fold -> verify the permuted dense model against the input (refuse to go on if it differs)
     t = time.perf_counter()
     fold = apply_fold(graph, plan, units.units, perms)
-    dense = gs.export_onnx(graph)
-    eq = compare(reference, run_outputs(dense, verify_feeds), cfg.rtol)
-    timings["fold+verify"] = time.perf_counter() - t
-    if not eq.ok:
-        raise PermsparseError(
-            f"the permuted model differs from the input (max relative error {eq.max_rel_error:.3g} on output "
-            f"{eq.worst_output!r} > {cfg.rtol:g}); nothing was written. This is a bug in permsparse: please report it "
-            "with the model, or run with --policy fold to avoid Gathers."
-        )
-    del dense
+    row_orders = {n: fold.indices[(plan.weights[n].const, plan.weights[n].k_axis)] for n in selected
+                  if (plan.weights[n].const, plan.weights[n].k_axis) in fold.indices}
+    work_parent = dst_p.parent if dst_p is not None else None
+    if work_parent is not None:
+        work_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".permsparse-", dir=work_parent) as work:
+        if external:
+            spill_constants(graph, {c for c, _ in fold.indices}, work)
+            dense_path = save_model(gs.export_onnx(graph), Path(work) / "dense.onnx", external_data=True)
+            candidate = run_outputs(dense_path, verify_feeds)
+        else:
+            candidate = run_outputs(gs.export_onnx(graph), verify_feeds)
+        eq = compare(reference, candidate, cfg.rtol)
+        timings["fold+verify"] = time.perf_counter() - t
+        if not eq.ok:
+            raise PermsparseError(
+                f"the permuted model differs from the input (max relative error {eq.max_rel_error:.3g} on output "
+                f"{eq.worst_output!r} > {cfg.rtol:g}); nothing was written. This is a bug in permsparse: please "
+                "report it with the model, or run with --policy fold to avoid Gathers."
+            )
 
-    masks: list[MaskStats] = []
-    if cfg.mask:
-        masks = apply_masks(graph, plan, selected, lambda w, wk: _permuted_importance(w.name, fold, plan, importances))
-    out_model = gs.export_onnx(graph)
-    nm_valid = nm_report(gs.import_onnx(out_model), plan) if cfg.mask else {}
-    if cfg.mask:
-        bad = [w for w in selected if not nm_valid.get(w)]
-        if bad:
-            raise PermsparseError(f"{len(bad)} weights are not {cfg.n}:{cfg.m} after masking (e.g. {bad[0]}); nothing written")
-    result = OptimizeResult(plan, units, reports, fold, eq, masks, nm_valid, selected, importances, x_norms, timings)
-    if dst_p is not None:
+        # mask (while streaming to disk for big models) -> check N:M -> write
         t = time.perf_counter()
-        save_model(out_model, dst_p)
-        timings["save"] = time.perf_counter() - t
-        result.output = dst_p
-    result.model = out_model
+        importance = _masking_importance(plan, cfg.importance, x_norms, fold)
+        masks: list[MaskStats] = []
+        out_model: onnx.ModelProto | None = None
+        if external and dst_p is not None:
+            transforms = {} if not cfg.mask else {
+                plan.weights[n].const: _streaming_mask(plan, n, importance, row_orders.get(n), masks) for n in selected
+            }
+            out_model = gs.export_onnx(graph)
+            save_model(out_model, dst_p, external_data=True, transform=transforms)
+        else:
+            if cfg.mask:
+                masks = apply_masks(graph, plan, selected, importance, row_orders)
+            out_model = gs.export_onnx(graph)
+            if dst_p is not None:
+                save_model(out_model, dst_p)
+        timings["mask+save"] = time.perf_counter() - t
+    nm_valid = {st.weight: st.valid for st in masks}
+    bad = [w for w in selected if cfg.mask and not nm_valid.get(w)]
+    if bad:
+        if dst_p is not None:
+            dst_p.unlink(missing_ok=True)
+        raise PermsparseError(f"{len(bad)} weights are not {cfg.n}:{cfg.m} after masking (e.g. {bad[0]}); nothing written")
+    result = OptimizeResult(plan, units, reports, fold, eq, masks, nm_valid, selected, x_norms, timings)
+    result.output = dst_p
+    result.model = None if external else out_model
     timings["total"] = time.perf_counter() - t0
     return result
 
@@ -197,7 +237,7 @@ def _verify_feeds(model: onnx.ModelProto, cfg: OptimizeConfig) -> list[dict[str,
     return feeds
 
 
-def _calibrate(model: onnx.ModelProto, plan: Plan, selected: list[str], cfg: OptimizeConfig) -> dict[str, np.ndarray]:
+def _calibrate(model: onnx.ModelProto | Path, plan: Plan, selected: list[str], cfg: OptimizeConfig) -> dict[str, np.ndarray]:
     """‖X_k‖₂ over calibration tokens for the input of every selected weight."""
     from permsparse.optimizer.calibration import CalibrationConfig, collect_activation_stats
     from permsparse.optimizer.data import make_feeds
@@ -216,16 +256,15 @@ def _calibrate(model: onnx.ModelProto, plan: Plan, selected: list[str], cfg: Opt
     return {name: np.asarray(s.norm, dtype=np.float64) for name, s in stats.items()}
 
 
-def _importance(plan: Plan, name: str, graph: gs.Graph, kind: str, x_norms: Mapping[str, np.ndarray]) -> np.ndarray:
-    from permsparse.optimizer.importance import compute_importance
-    from permsparse.passes.sparsify import k_major
-
+def _weight_values(consts: Mapping[str, ConstRef], plan: Plan, name: str) -> np.ndarray:
     w = plan.weights[name]
-    tensor = next(t for t in graph.tensors().values() if t.name == w.const)
-    values = np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else np.asarray(
-        tensor.inputs[0].attrs["value"].values)
-    wk = k_major(w, values).astype(np.float64)
-    return np.asarray(compute_importance(kind, wk, x_norms.get(w.input)), dtype=np.float64)
+    return k_major(w, consts[w.const].values)
+
+
+def _importance(kind: str, wk: np.ndarray, x_norm: np.ndarray | None) -> np.ndarray:
+    from permsparse.optimizer.importance import compute_importance
+
+    return np.asarray(compute_importance(kind, wk, x_norm), dtype=np.float32)
 
 
 def _problem(plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray], cfg: OptimizeConfig) -> PermutationProblem:
@@ -240,11 +279,14 @@ def _problem(plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray], cfg:
             w = plan.weights[wname]
             bm = next(mb.block_map for mb in closure.members if mb.const == w.const and mb.axis == w.k_axis)
             imp = importances[wname]
+            if len(bm) == closure.n_classes and np.array_equal(bm, np.arange(len(bm))):
+                mats.append(imp)  # rows already in canonical order: no copy
+                continue
             per_class: list[list[np.ndarray]] = [[] for _ in range(closure.n_classes)]
             for t, c in enumerate(bm):
                 per_class[c].append(imp[t * b:(t + 1) * b])
             width = max(len(x) for x in per_class) * imp.shape[1]
-            canon = np.zeros((closure.k, width))
+            canon = np.zeros((closure.k, width), dtype=imp.dtype)
             for c, blocks in enumerate(per_class):
                 if blocks:
                     row = np.concatenate(blocks, axis=1)
@@ -253,31 +295,57 @@ def _problem(plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray], cfg:
     return PermutationProblem(name=unit.name, importances=tuple(mats), block=unit.block, n=cfg.n, m=cfg.m)
 
 
-def _solve(problems: list[PermutationProblem], units: list[Unit], cfg: OptimizeConfig):
+def _solve(plan: Plan, units: list[Unit], consts, x_norms, cfg: OptimizeConfig):
+    """Learn every unit's permutation, a chunk of units at a time so importances of a big model are never all held."""
     from permsparse.optimizer.solve import solve_all
 
-    results = solve_all(
-        problems,
-        cfg.method,
-        workers=cfg.workers,
-        seed=cfg.seed,
-        budget_s=cfg.budget_s,
-        learned_config=cfg.learned,
-        progress=cfg.progress,
-    )
-    perms = {u.name: np.asarray(r.perm) for u, r in zip(units, results)}
-    reports = [
-        UnitReport(u, r.retained_identity, r.retained, r.bound, r.efficacy, r.seconds) for u, r in zip(units, results)
-    ]
+    if cfg.method == "identity":  # nothing to learn: no importances needed (masks report what plain N:M keeps)
+        return {u.name: np.arange(u.k) for u in units}, []
+    workers = cfg.workers or os.cpu_count() or 1
+    chunk = max(4, 2 * workers)
+    perms: dict[str, np.ndarray] = {}
+    reports: list[UnitReport] = []
+    budget = None if cfg.budget_s is None else cfg.budget_s / max(1, len(units))
+    for start in range(0, len(units), chunk):
+        part = units[start:start + chunk]
+        names = {w for u in part for w in u.weights}
+        imps = {n: _importance(cfg.importance, _weight_values(consts, plan, n), x_norms.get(plan.weights[n].input))
+                for n in names}
+        problems = [_problem(plan, u, imps, cfg) for u in part]
+        del imps
+        results = solve_all(
+            problems, cfg.method, workers=cfg.workers, seed=cfg.seed,
+            budget_s=None if budget is None else budget * len(part),
+            learned_config=cfg.learned, progress=cfg.progress,
+        )
+        for u, r in zip(part, results):
+            perms[u.name] = np.asarray(r.perm)
+            reports.append(UnitReport(u, r.retained_identity, r.retained, r.bound, r.efficacy, r.seconds))
     return perms, reports
 
 
-def _permuted_importance(name: str, fold: FoldResult, plan: Plan, importances: Mapping[str, np.ndarray]) -> np.ndarray:
-    """A weight's importance with its rows in the folded order."""
+def _masking_importance(plan: Plan, kind: str, x_norms: Mapping[str, np.ndarray], fold: FoldResult):
+    """``importance(w, W[K, N])`` for folded weights: the input norms follow the weight's rows."""
+
+    def fn(w, wk: np.ndarray) -> np.ndarray:
+        x = x_norms.get(w.input)
+        idx = fold.indices.get((w.const, w.k_axis))
+        if x is not None and idx is not None:
+            x = x[idx]
+        return _importance(kind, wk, x)
+
+    return fn
+
+
+def _streaming_mask(plan: Plan, name: str, importance, row_order, sink: list[MaskStats]):
     w = plan.weights[name]
-    idx = fold.indices.get((w.const, w.k_axis))
-    imp = importances[name]
-    return imp if idx is None else imp[idx]
+
+    def transform(stored: np.ndarray) -> np.ndarray:
+        masked, st = mask_weight(w, stored, importance(w, k_major(w, stored)), plan.n, plan.m, row_order)
+        sink.append(st)
+        return masked
+
+    return transform
 
 
 __all__ = ["OptimizeConfig", "OptimizeResult", "optimize", "load_checked", "block_perm"]

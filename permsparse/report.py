@@ -20,25 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from permsparse.optimizer.base import nm_keep_mask
+from permsparse.errors import PermsparseError
 
 log = logging.getLogger(__name__)
 
 
 def weight_retention(result) -> list[tuple[str, float, float]]:
-    """(weight, kept share with identity order, kept share after the fold) for every pruned weight."""
-    plan = result.plan
-    rows = []
-    for name in result.selected:
-        w = plan.weights[name]
-        imp = result.importances[name]
-        idx = result.fold.indices.get((w.const, w.k_axis))
-        permuted = imp if idx is None else imp[idx]
-        total = float(imp.sum()) or 1.0
-        ident = float(imp[nm_keep_mask(imp, plan.n, plan.m)].sum()) / total
-        perm = float(permuted[nm_keep_mask(permuted, plan.n, plan.m)].sum()) / total
-        rows.append((name, ident, perm))
-    return rows
+    """(weight, importance kept by plain N:M, kept after the learned permutation) for every masked weight."""
+    return [(st.weight, st.kept_share_identity, st.kept_share) for st in result.masks]
 
 
 def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> list[str]:
@@ -104,6 +93,8 @@ def write_report(result, src: str | Path, report_dir: str | Path, cfg) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(src)
     retention = weight_retention(result)
+    if not retention:
+        raise PermsparseError("--report needs masks: it compares plain and permuted N:M (drop --no-mask)")
     plots = _plots(result, out_dir, retention)
 
     drift_rows = []

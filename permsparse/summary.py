@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from permsparse.optimizer.base import nm_keep_mask
 from permsparse.passes.analysis import Closure, Plan
-from permsparse.passes.graph import const_of
+from permsparse.passes.graph import const_index
 from permsparse.passes.sparsify import check_nm
 
 
@@ -68,6 +68,10 @@ def optimize_summary(result) -> str:
     for cid, why in sorted(result.units.identity.items()):
         out.append(f"closure {closure_label(plan, plan.closures[cid])}: identity ({why})")
     n_valid = sum(result.nm_valid.get(w, False) for w in result.selected)
+    if result.masks:
+        ident = float(np.mean([st.kept_share_identity for st in result.masks]))
+        perm = float(np.mean([st.kept_share for st in result.masks]))
+        out.append(f"importance kept per weight (mean): plain {plan.n}:{plan.m} {ident:.4f} -> permuted {perm:.4f}")
     if result.unit_reports:
         ident = float(np.mean([r.retained_identity for r in result.unit_reports]))
         perm = float(np.mean([r.retained for r in result.unit_reports]))
@@ -80,6 +84,7 @@ def optimize_summary(result) -> str:
         + f"; closures: {len(plan.closures)} ({foldable} fold for free); policy {result.units.policy}: "
         f"{len(result.units.units)} permutations, {len(result.fold.gathers)} Gather(s) added"
     )
+    out.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total"))
     eq = result.equivalence
     out.append(f"fold check: permuted dense model equals the input (max rel. error {eq.max_rel_error:.2e} <= {eq.rtol:g})")
     return "\n".join(out)
@@ -87,12 +92,7 @@ def optimize_summary(result) -> str:
 
 def inspect_rows(graph: gs.Graph, plan: Plan) -> list[dict[str, Any]]:
     """One record per weight: shape, K axis, closure, fold status, N:M validity, density, |W| kept by plain N:M."""
-    consts = {}
-    for node in graph.nodes:
-        for t in node.inputs:
-            ref = const_of(t)
-            if ref is not None:
-                consts[ref.name] = ref
+    consts = const_index(graph)
     records = []
     for name, w in plan.weights.items():
         values = consts[w.const].values

@@ -265,12 +265,13 @@ def export_onnx(
                 )
             else:
                 onnx.save_model(model, str(staged))
-            os.replace(tmp / data_name, path.parent / data_name)
+            if (tmp / data_name).is_file():  # absent only when every tensor is tiny
+                _publish(tmp / data_name, path.parent / data_name)
         else:
             if locations:
                 onnx.load_external_data_for_model(model, str(tmp))
             onnx.save_model(model, str(staged))
-        os.replace(staged, path)
+        _publish(staged, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info(
@@ -278,6 +279,14 @@ def export_onnx(
         type(module).__name__, exporter, path, export_s, weight_bytes / 1e6, f", external {data_name}" if external else "",
     )
     return path
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Atomically move ``src`` over ``dst`` with ordinary file permissions (temp files may be created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(src, 0o666 & ~umask)
+    os.replace(src, dst)
 
 
 def _check_linears(model: onnx.ModelProto, module: nn.Module, exporter: str) -> None:

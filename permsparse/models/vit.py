@@ -149,8 +149,9 @@ class ViT(nn.Module):
             x = block(x)
         x = self.norm(x)
         # Keep the head's input 3-D ([B, 1, dim]) so that both exporters emit MatMul(x, W[K, N]) + Add rather than
-        # a Gemm(transB=1): every Linear of the model then has the same ONNX form.
-        return self.head(x[:, :1]).squeeze(1)
+        # a Gemm(transB=1): every Linear of the model then has the same ONNX form. flatten(1), not squeeze(1): the legacy
+        # exporter turns a squeeze of a dynamic dimension into an If node.
+        return self.head(x[:, :1]).flatten(1)
 
 
 @torch.no_grad()

@@ -97,11 +97,11 @@ def retained_share(problem: PermutationProblem, perm: np.ndarray | None = None) 
     shares = []
     for imp in problem.importances:
         x = imp if perm is None else imp[perm]
-        total = float(x.sum())
+        total = float(x.sum(dtype=np.float64))
         if total <= 0.0:
             continue
         keep = nm_keep_mask(x, problem.n, problem.m)
-        shares.append(float(x[keep].sum()) / total)
+        shares.append(float(x[keep].sum(dtype=np.float64)) / total)
     return float(np.mean(shares)) if shares else 1.0
 
 

@@ -222,6 +222,8 @@ class _SwapState:
         self.pos = pos.copy()  # pos[p] = channel at position p
         self.group_of_pos = np.arange(self.b) // m
         self.R = np.empty((self.b, self.b))  # rows: channels, cols: positions
+        # gains are float32 sums: only trust gains clearly above rounding (else swaps could cycle)
+        self.eps = 1e-6 * float(a.sum()) / max(1, self.G)
         self._update_groups(np.arange(self.G))
 
     def _update_groups(self, hs: np.ndarray) -> None:
@@ -252,7 +254,7 @@ class _SwapState:
         touched = []
         for f in top:
             val = flat[f]
-            if not val > 1e-12:
+            if not val > self.eps:
                 break
             p, q = divmod(int(f), self.b)
             gp, gq = int(self.group_of_pos[p]), int(self.group_of_pos[q])
@@ -296,12 +298,20 @@ def channel_swap_block(a: np.ndarray, init: np.ndarray, n: int, m: int, *, rng: 
             st.pos = best_pos.copy()
             st._update_groups(np.arange(st.G))
             st.kick(rng, max(2, st.G // 8))
+        val = st.value()
         while it < max_iters:
             if deadline is not None and time.perf_counter() > deadline:
                 break
             it += 1
+            before = st.pos.copy()
             if st.step(swaps_per_iter) <= 0.0:
                 break
+            new_val = st.value()
+            if new_val <= val:  # rounding fooled the gains: undo and stop
+                st.pos = before
+                st._update_groups(np.arange(st.G))
+                break
+            val = new_val
         val = st.value()
         if val > best_val + 1e-12:
             best_pos, best_val = st.pos.copy(), val

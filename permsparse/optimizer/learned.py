@@ -257,13 +257,13 @@ class LearnedMethod:
             chosen = best_sig if (improved.any() or not cfg.refine) else np.where(improved[:, None], best_sig, sig)
             cand = perm.copy()
             cand[idx] = np.take_along_axis(src, chosen, axis=1)
-            if cfg.refine:
+            if cfg.refine and not out_mode:
                 for s0 in range(0, k, problem.block):
                     loc = cand[s0 : s0 + problem.block] - s0
                     cand[s0 : s0 + problem.block] = s0 + refine_block(
                         a_blocks[s0 // problem.block], loc, n, m, rng=rng, rounds=cfg.refine_rounds)
-            if retained_share(problem, cand) >= retained_share(problem, perm):
-                perm = cand
+            if out_mode or retained_share(problem, cand) >= retained_share(problem, perm):
+                perm = cand  # (output objective: every window already kept its best assignment by output error)
         check_permutation(perm, k, problem.block)
         # exact guard (retained share for the importance objective): never worse than the initialisation
         if not out_mode and retained_share(problem, perm) < retained_share(problem, init_perm):

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from permsparse.passes.analysis import Closure, Plan
-from permsparse.passes.graph import const_of
+from permsparse.passes.graph import const_index
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def apply_fold(
     """Permute ``graph`` in place: every unit's permutation is applied to its members, with Gathers where needed."""
     result = FoldResult()
     tensors = graph.tensors()
-    consts = _const_index(graph)
+    consts = const_index(graph)
     for unit in units:
         perm = np.asarray(perms[unit.name], dtype=np.int64)
         if np.array_equal(perm, np.arange(len(perm))):
@@ -168,16 +168,6 @@ def apply_fold(
         result.units_applied += 1
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return result
-
-
-def _const_index(graph: gs.Graph):
-    index = {}
-    for node in graph.nodes:
-        for t in node.inputs:
-            ref = const_of(t)
-            if ref is not None:
-                index[ref.name] = ref
-    return index
 
 
 def _gather(graph: gs.Graph, x: gs.Variable, idx: np.ndarray, node_name: str, out_name: str) -> gs.Variable:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 #: Ops a weight may be read through on its way to MatMul's B input. Each must keep the matrix's axes identifiable.
 WEIGHT_CHAIN_OPS = ("Transpose", "Cast", "Identity")
@@ -25,10 +29,68 @@ class ConstRef:
 
     @property
     def values(self) -> np.ndarray:
-        return np.asarray(self.tensor.values)
+        """The constant's values. Lazily stored weights are read on each access and not kept in memory."""
+        raw = self.tensor._values
+        if isinstance(raw, LazyValues):
+            return np.asarray(raw.load())
+        return np.asarray(raw)
 
     def set_values(self, values: np.ndarray) -> None:
         self.tensor.values = np.ascontiguousarray(values)
+
+
+class ExternalValues(LazyValues):
+    """Values of a tensor stored in an external data file, read from disk on each ``load()``.
+
+    The wrapped ``TensorProto`` names its data file by absolute path, so graphs can mix weights from the input's data
+    file and from permsparse's temporary files; :func:`permsparse.onnxio.save_model` copies them into the output.
+    """
+
+    def __init__(self, tensor: TensorProto, base_dir: str | os.PathLike[str]):
+        proto = TensorProto()
+        proto.CopyFrom(tensor)
+        for entry in proto.external_data:
+            if entry.key == "location" and not os.path.isabs(entry.value):
+                entry.value = os.path.join(os.path.abspath(base_dir), entry.value)
+        super().__init__(proto)
+
+    def load(self) -> np.ndarray:
+        return read_external(self.tensor, "")
+
+
+def external_info(tensor: TensorProto) -> tuple[str, int, int | None]:
+    """(location, offset, length) of an externally stored tensor."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    length = entries.get("length")
+    return entries["location"], int(entries.get("offset", 0) or 0), (int(length) if length else None)
+
+
+def read_external(tensor: TensorProto, base_dir: str | os.PathLike[str]) -> np.ndarray:
+    """Read an externally stored tensor from its data file (no memory mapping, no caching)."""
+    location, offset, _ = external_info(tensor)
+    path = location if os.path.isabs(location) else os.path.join(base_dir, location)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    with open(path, "rb") as f:
+        f.seek(offset)
+        arr = np.fromfile(f, dtype=dtype, count=count)
+    return arr.reshape(tuple(tensor.dims))
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def import_graph(model: onnx.ModelProto, base_dir: str | os.PathLike[str] | None = None) -> gs.Graph:
+    """``gs.import_onnx`` that keeps externally stored weights on disk until they are used (see ExternalValues)."""
+    graph = gs.import_onnx(model)
+    if base_dir is not None and uses_external_data(model):
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues):
+                proto = t._values.tensor
+                if proto.data_location == TensorProto.EXTERNAL:
+                    t._values = ExternalValues(proto, base_dir)
+    return graph
 
 
 def const_of(t: gs.Tensor) -> ConstRef | None:
@@ -76,6 +138,17 @@ def resolve_weight(t: gs.Tensor, *, trans: bool = False) -> WeightChain | None:
             axes = [perm[axes[0]], perm[axes[1]]]
         via.append(node.op)
         cur = node.inputs[0]
+
+
+def const_index(graph: gs.Graph) -> dict[str, ConstRef]:
+    """Every constant read by a node, by name."""
+    index: dict[str, ConstRef] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            ref = const_of(t)
+            if ref is not None:
+                index[ref.name] = ref
+    return index
 
 
 def opset_of(graph: gs.Graph) -> int:

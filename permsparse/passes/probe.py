@@ -10,7 +10,6 @@ say) must be given by the user.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import onnx
 from onnx import helper
 
 from permsparse.errors import PermsparseError
-from permsparse.onnxio import EXTERNAL_DATA_THRESHOLD, model_size_bytes, save_model
+from permsparse.onnxio import EXTERNAL_DATA_THRESHOLD, model_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -147,42 +146,58 @@ def random_feeds(
 class OrtRunner:
     """Runs a model in onnxruntime (CPU), optionally exposing intermediate tensors as outputs.
 
-    The model is not modified: extra outputs are added to a serialized copy (or, for models over 2 GB, to a temporary
-    copy with external data that is deleted afterwards).
+    ``model`` is a ``ModelProto`` (its external data, if any, read from ``base_dir``) or a path. The model is not
+    modified: extra outputs go to a serialized copy; weights on disk are read by onnxruntime from their own file.
     """
 
-    def __init__(self, model: onnx.ModelProto, extra_outputs: list[str] | None = None, *, threads: int | None = None):
+    def __init__(
+        self,
+        model: onnx.ModelProto | str | Path,
+        extra_outputs: list[str] | None = None,
+        *,
+        base_dir: str | Path | None = None,
+        threads: int | None = None,
+    ):
         import onnxruntime as ort
 
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        added = []
-        existing = {o.name for o in model.graph.output}
-        for name in extra_outputs or []:
-            if name not in existing:
-                added.append(helper.make_empty_tensor_value_info(name))
-                existing.add(name)
-        model.graph.output.extend(added)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        if isinstance(model, (str, Path)) and not extra_outputs:
+            source: bytes | str = str(model)
+        else:
+            if isinstance(model, (str, Path)):
+                base_dir = Path(model).parent
+                model = onnx.load(str(model), load_external_data=False)
+            source = self._serialize(model, extra_outputs or [], opts, base_dir)
         try:
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            opts.log_severity_level = 3
-            if threads:
-                opts.intra_op_num_threads = threads
-            if model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-                self._tmp = tempfile.TemporaryDirectory(prefix="permsparse-ort-")
-                path = Path(self._tmp.name) / "model.onnx"
-                save_model(model, path, external_data=True)
-                source: bytes | str = str(path)
-            else:
-                source = model.SerializeToString()
-            try:
-                self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:
-                raise PermsparseError(f"onnxruntime cannot load the model: {exc}") from None
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise PermsparseError(f"onnxruntime cannot load the model: {exc}") from None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @staticmethod
+    def _serialize(model: onnx.ModelProto, extra_outputs: list[str], opts, base_dir) -> bytes:
+        from permsparse.passes.graph import uses_external_data
+
+        existing = {o.name for o in model.graph.output}
+        added = [n for n in dict.fromkeys(extra_outputs) if n not in existing]
+        model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in added)
+        try:
+            if uses_external_data(model):
+                if base_dir is None:
+                    raise PermsparseError("the model keeps weights in an external data file; its folder is needed")
+                opts.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(Path(base_dir).resolve())
+                )
+            elif model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+                raise PermsparseError("model over 2 GB held in memory: save it with external data first")
+            return model.SerializeToString()
         finally:
             for _ in added:
                 model.graph.output.pop()
-        self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray], names: list[str] | None = None) -> dict[str, np.ndarray]:
         try:
@@ -193,19 +208,23 @@ class OrtRunner:
 
     def close(self) -> None:
         del self.session
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
 
-def probe(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> Probe:
-    """Run ``model`` once on ``feeds`` exposing every node output; return all shapes and small integer values."""
-    names = [o for n in model.graph.node for o in n.output if o]
-    runner = OrtRunner(model, names)
+def probe(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, runner: OrtRunner | None = None,
+    base_dir: str | Path | None = None,
+) -> Probe:
+    """Run ``model`` once on ``feeds`` exposing every node output; return all shapes and small integer values.
+
+    ``runner``: an :class:`OrtRunner` of ``model`` made with :func:`probe_runner` (to reuse its session).
+    """
+    own = runner is None
+    runner = runner or probe_runner(model, base_dir=base_dir)
     try:
         results = runner.run(feeds)
     finally:
-        runner.close()
+        if own:
+            runner.close()
     shapes: dict[str, tuple[int, ...]] = {k: tuple(int(d) for d in np.shape(v)) for k, v in results.items()}
     values = {
         k: np.asarray(v)
@@ -217,3 +236,8 @@ def probe(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> Probe:
     for t in model.graph.initializer:
         shapes[t.name] = tuple(int(d) for d in t.dims)
     return Probe(shapes=shapes, values=values, feeds=dict(feeds))
+
+
+def probe_runner(model: onnx.ModelProto, *, base_dir: str | Path | None = None) -> OrtRunner:
+    """A session of ``model`` exposing every node output (for :func:`probe`; graph outputs can be asked by name)."""
+    return OrtRunner(model, [o for n in model.graph.node for o in n.output if o], base_dir=base_dir)

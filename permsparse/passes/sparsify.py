@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from permsparse.optimizer.base import nm_keep_mask
 from permsparse.passes.analysis import Plan, WeightInfo
-from permsparse.passes.graph import const_of
+from permsparse.passes.graph import const_index
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,11 @@ class MaskStats:
     """Per-weight result of masking."""
 
     weight: str
-    kept_share: float  # share of the importance kept
+    kept_share: float  # share of the importance kept (channels in their folded order)
+    kept_share_identity: float  # share N:M would keep with the original channel order (plain N:M)
     kept_magnitude: float  # share of sum |W| kept
     density: float  # non-zeros / size after masking
+    valid: bool  # independent N:M check of the masked weight
 
 
 def k_major(w: WeightInfo, stored: np.ndarray) -> np.ndarray:
@@ -43,39 +45,55 @@ def k_major(w: WeightInfo, stored: np.ndarray) -> np.ndarray:
     return stored if w.k_axis == 0 else stored.T
 
 
+def mask_weight(
+    w: WeightInfo, stored: np.ndarray, importance: np.ndarray | None, n: int, m: int,
+    row_order: np.ndarray | None = None,
+) -> tuple[np.ndarray, MaskStats]:
+    """N:M-mask one stored weight by ``importance`` (``[K, N]``, default |W|); returns (masked stored, stats).
+
+    ``row_order`` (``new[i] = old[row_order[i]]``, from the fold) lets the stats also say what plain N:M would keep.
+    """
+    wk = k_major(w, stored)
+    imp = np.abs(wk).astype(np.float64) if importance is None else importance
+    keep = nm_keep_mask(imp, n, m)
+    masked = np.where(keep, wk, np.zeros((), dtype=wk.dtype))
+    total_imp = float(imp.sum()) or 1.0
+    total_mag = float(np.abs(wk).sum()) or 1.0
+    if row_order is None:
+        ident = float(imp[keep].sum()) / total_imp
+    else:
+        orig = imp[np.argsort(row_order)]
+        ident = float(orig[nm_keep_mask(orig, n, m)].sum()) / total_imp
+    stored_masked = masked if w.k_axis == 0 else masked.T
+    stats = MaskStats(
+        weight=w.name,
+        kept_share=float(imp[keep].sum()) / total_imp,
+        kept_share_identity=ident,
+        kept_magnitude=float(np.abs(wk)[keep].sum()) / total_mag,
+        density=float(np.count_nonzero(masked)) / masked.size,
+        valid=check_nm(stored_masked, w.k_axis, n, m),
+    )
+    return stored_masked, stats
+
+
 def apply_masks(
     graph: gs.Graph,
     plan: Plan,
     weights: list[str],
     importance: ImportanceFn | None = None,
+    row_orders: Mapping[str, np.ndarray] | None = None,
 ) -> list[MaskStats]:
     """Mask ``weights`` (names from ``plan``) in place with N:M along K. ``importance(w, W[K, N]) -> [K, N]``."""
-    consts = {}
-    for node in graph.nodes:
-        for t in node.inputs:
-            ref = const_of(t)
-            if ref is not None:
-                consts[ref.name] = ref
+    consts = const_index(graph)
     stats = []
     for name in weights:
         w = plan.weights[name]
         ref = consts[w.const]
         stored = ref.values
-        wk = k_major(w, stored)
-        imp = np.abs(wk) if importance is None else importance(w, wk)
-        keep = nm_keep_mask(imp, plan.n, plan.m)
-        masked = np.where(keep, wk, np.zeros((), dtype=wk.dtype))
-        ref.set_values(masked if w.k_axis == 0 else masked.T)
-        total_imp = float(imp.sum()) or 1.0
-        total_mag = float(np.abs(wk).sum()) or 1.0
-        stats.append(
-            MaskStats(
-                weight=name,
-                kept_share=float(imp[keep].sum()) / total_imp,
-                kept_magnitude=float(np.abs(wk)[keep].sum()) / total_mag,
-                density=float(np.count_nonzero(masked)) / masked.size,
-            )
-        )
+        imp = None if importance is None else importance(w, k_major(w, stored))
+        masked, st = mask_weight(w, stored, imp, plan.n, plan.m, (row_orders or {}).get(name))
+        ref.set_values(masked)
+        stats.append(st)
     return stats
 
 
@@ -91,10 +109,5 @@ def check_nm(values: np.ndarray, k_axis: int, n: int, m: int) -> bool:
 
 def nm_report(graph: gs.Graph, plan: Plan) -> Mapping[str, bool]:
     """N:M validity of every weight in ``plan``, read from ``graph``."""
-    consts = {}
-    for node in graph.nodes:
-        for t in node.inputs:
-            ref = const_of(t)
-            if ref is not None:
-                consts[ref.name] = ref
+    consts = const_index(graph)
     return {name: check_nm(consts[w.const].values, w.k_axis, plan.n, plan.m) for name, w in plan.weights.items()}

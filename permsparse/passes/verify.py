@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -35,7 +36,10 @@ class Equivalence:
         return self.max_rel_error <= self.rtol
 
 
-def run_outputs(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def run_outputs(
+    model: onnx.ModelProto | str | Path, feeds: Iterable[Mapping[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """Graph outputs of ``model`` (a ModelProto, or the path of a saved model) for each feed."""
     runner = OrtRunner(model)
     try:
         return [runner.run(f) for f in feeds]
