@@ -253,3 +253,31 @@ def test_external_data_round_trip(tmp_path, monkeypatch, exported):
 def test_module_entry_point(tmp_path):
     run = subprocess.run([sys.executable, "-m", "permsparse.cli", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "optimize" in run.stdout and "build" in run.stdout
+
+
+def test_learned_method_end_to_end(exported, tmp_path, capsys):
+    """`--method learned` keeps the fold exact and the masks valid, and never keeps less than plain 2:4."""
+    src = exported("llama", "dynamo")
+    out, dense = tmp_path / "s.onnx", tmp_path / "d.onnx"
+    args = ["--method", "learned", "--learn-iters", "5", "-q", "--workers", "1"]
+    assert main(["optimize", str(src), "-o", str(dense), "--no-mask", *args]) == 0
+    assert main(["optimize", str(src), "-o", str(out), *args]) == 0
+    text = capsys.readouterr().out
+    line = next(x for x in text.splitlines() if x.startswith("importance kept per weight"))
+    plain, permuted = (float(v) for v in line.replace("->", " ").split()[-3::2])
+    assert permuted >= plain
+    model = onnx.load(str(src))
+    assert check_equivalent(model, onnx.load(str(dense)), _feeds(model), rtol=1e-4).ok
+    _, weights = _weights_2d(out)
+    assert sum(check_nm(w, 0, 2, 4) for w in weights.values()) == 14
+
+
+def test_report(exported, tmp_path, capsys):
+    src = exported("llama", "legacy")
+    report = tmp_path / "report"
+    assert main(["optimize", str(src), "-o", str(tmp_path / "s.onnx"), "--report", str(report), *FAST]) == 0
+    text = (report / "report.md").read_text()
+    assert (report / "retained.png").stat().st_size > 1000 and (report / "efficacy.png").exists()
+    assert "2:4, identity order" in text and "2:4, lsa" in text and "perplexity" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 14
