@@ -14,7 +14,6 @@ drift numbers show structure, not task quality.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time

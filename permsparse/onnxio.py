@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,48 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 _HALF_TYPES = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and dims (``int`` when static, else the symbolic name or ``None``)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    def static(self, axis: int) -> int | None:
+        """The static size of ``axis``, or ``None`` when it is dynamic or the rank is smaller."""
+        if axis >= len(self.shape) or axis < -len(self.shape):
+            return None
+        d = self.shape[axis]
+        return d if isinstance(d, int) and d > 0 else None
+
+
+def graph_inputs(model: onnx.ModelProto | str | os.PathLike[str]) -> list[InputSpec]:
+    """The graph inputs that are not initializers (a path is read without its weights)."""
+    if not isinstance(model, onnx.ModelProto):
+        path = Path(model)
+        if not path.is_file():
+            raise PermsparseError(f"model file {str(path)!r} does not exist")
+        model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        specs.append(InputSpec(vi.name, dtype, tuple(dims)))
+    return specs
 
 
 def load_model(path: str | os.PathLike[str], *, lazy: bool = False) -> onnx.ModelProto:

@@ -23,7 +23,7 @@ from permsparse.errors import PermsparseError
 from permsparse.runtime import precision as prec
 from permsparse.runtime.bench import BenchConfig, BenchResult, BenchRow, format_table, plot_result, run_bench
 from permsparse.runtime.commands import add_bench_parser, add_build_parser
-from permsparse.runtime.shapes import InputInfo, ShapeSpec, derive_profiles, model_inputs, parse_shape_arg, parse_shapes
+from permsparse.runtime.shapes import InputInfo, ShapeSpec, derive_profiles, parse_shape_arg, parse_shapes
 from permsparse.runtime.timing import TimingStats, time_callable
 from permsparse.runtime.weights import activation_tokens, is_2to4, prunable_weights
 

@@ -26,7 +26,6 @@ import logging
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError
+from permsparse.onnxio import InputSpec, graph_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +53,6 @@ _HELDOUT_MODULUS = 5  # one item in five (by a stable hash of its key) is held o
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input: name, NumPy dtype and dims (``int`` when static, else the symbolic name or ``None``)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]
-
-    def static(self, axis: int) -> int | None:
-        """The static size of ``axis``, or ``None`` when it is dynamic or the rank is smaller."""
-        if axis >= len(self.shape) or axis < -len(self.shape):
-            return None
-        d = self.shape[axis]
-        return d if isinstance(d, int) and d > 0 else None
-
-
 def _load_header(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
@@ -80,24 +64,7 @@ def _load_header(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
 
 def model_inputs(model: onnx.ModelProto | str | os.PathLike) -> list[InputSpec]:
     """The graph inputs that are not initializers, with dtype and dims."""
-    m = _load_header(model)
-    inits = {t.name for t in m.graph.initializer}
-    specs = []
-    for vi in m.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        specs.append(InputSpec(vi.name, dtype, tuple(dims)))
-    return specs
+    return graph_inputs(_load_header(model))
 
 
 def _find(specs: Sequence[InputSpec], *names: str) -> InputSpec | None:

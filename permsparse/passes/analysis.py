@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from permsparse.passes.graph import ConstRef, WeightChain, const_of, opset_of, resolve_weight
+from permsparse.passes.graph import WeightChain, const_of, opset_of, resolve_weight
 from permsparse.passes.probe import Probe
 
 log = logging.getLogger(__name__)

@@ -19,21 +19,12 @@ import onnx
 from onnx import helper
 
 from permsparse.errors import PermsparseError
-from permsparse.onnxio import EXTERNAL_DATA_THRESHOLD, model_size_bytes
+from permsparse.onnxio import EXTERNAL_DATA_THRESHOLD, graph_inputs, model_size_bytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 1
 DEFAULT_SEQ = 7  # odd and prime: never mistaken for a channel count
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input: name, numpy dtype and declared shape (an ``int`` or the symbolic name of each dimension)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str, ...]
 
 
 @dataclass(frozen=True)
@@ -43,20 +34,6 @@ class Probe:
     shapes: Mapping[str, tuple[int, ...]]
     values: Mapping[str, np.ndarray]
     feeds: Mapping[str, np.ndarray]
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims: list[int | str] = []
-        for d in tt.shape.dim:
-            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
-        specs.append(InputSpec(vi.name, helper.tensor_dtype_to_np_dtype(tt.elem_type), tuple(dims)))
-    return specs
 
 
 def resolve_shapes(

@@ -9,6 +9,7 @@ range, so nothing is clamped).
 from __future__ import annotations
 
 import logging
+import warnings
 import os
 from pathlib import Path
 
@@ -115,7 +116,9 @@ def convert_model(
     if precision == "bf16":
         kwargs.update(min_positive_val=0.0, max_finite_val=float(np.finfo(np.float32).max))
     try:
-        out = float16.convert_float_to_float16(src, **kwargs)
+        with warnings.catch_warnings():  # onnxconverter-common warns once per clamped constant: too noisy
+            warnings.simplefilter("ignore", UserWarning)
+            out = float16.convert_float_to_float16(src, **kwargs)
     except Exception as exc:
         # Shape inference fails on some exporters' graphs (or > 2 GB protos): retry without it.
         logger.info("float16 conversion with shape inference failed (%s); retrying without", exc)
@@ -123,7 +126,9 @@ def convert_model(
         src.CopyFrom(model)
         _fold_constant_identities(src)
         kwargs["disable_shape_infer"] = True
-        out = float16.convert_float_to_float16(src, **kwargs)
+        with warnings.catch_warnings():  # onnxconverter-common warns once per clamped constant: too noisy
+            warnings.simplefilter("ignore", UserWarning)
+            out = float16.convert_float_to_float16(src, **kwargs)
     _sync_cast_value_info(out)
     if precision == "bf16":
         _retype_fp16_to_bf16(out, originals)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError
+from permsparse.onnxio import graph_inputs
 from permsparse.runtime._io import load_graph
 
 logger = logging.getLogger(__name__)
@@ -118,33 +119,11 @@ def parse_shapes(args: Iterable[str] | None) -> dict[str, ShapeSpec]:
     return out
 
 
-def _np_dtype(elem_type: int) -> np.dtype:
-    try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    except Exception:
-        return np.dtype(np.float32)
-
-
 def model_inputs(model: onnx.ModelProto | str | os.PathLike[str]) -> list[InputInfo]:
     """The graph inputs that are not initializers, with their dims."""
     if not isinstance(model, onnx.ModelProto):
         model = load_graph(model)
-    inits = {i.name for i in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims: list[Dim] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param") and d.dim_param:
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        out.append(InputInfo(vi.name, tuple(dims), _np_dtype(tt.elem_type)))
-    return out
+    return [InputInfo(spec.name, spec.shape, spec.dtype) for spec in graph_inputs(model)]
 
 
 def _default_for(axis: int, dim: Dim) -> tuple[int, int, int] | None:
