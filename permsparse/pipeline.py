@@ -162,11 +162,14 @@ def optimize(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None, co
 
     # calibrate -> importance -> learn, one chunk of units at a time (bounded memory)
     t = time.perf_counter()
-    x_norms = _calibrate(src_p if external else model, plan, selected, cfg) if cfg.importance != "magnitude" else {}
+    x_norms: dict[str, np.ndarray] = {}
+    x_samples: dict[str, np.ndarray] = {}
+    if cfg.importance != "magnitude" or _wants_output_objective(cfg):
+        x_norms, x_samples = _calibrate(src_p if external else model, plan, selected, cfg)
     consts = const_index(graph)
     timings["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
-    perms, reports = _solve(plan, units.units, consts, x_norms, cfg)
+    perms, reports = _solve(plan, units.units, consts, x_norms, x_samples, cfg)
     timings["learn"] = time.perf_counter() - t
 
     # fold -> verify the permuted dense model against the input (refuse to go on if it differs)
@@ -237,8 +240,15 @@ def _verify_feeds(model: onnx.ModelProto, cfg: OptimizeConfig) -> list[dict[str,
     return feeds
 
 
-def _calibrate(model: onnx.ModelProto | Path, plan: Plan, selected: list[str], cfg: OptimizeConfig) -> dict[str, np.ndarray]:
-    """‖X_k‖₂ over calibration tokens for the input of every selected weight."""
+def _wants_output_objective(cfg: OptimizeConfig) -> bool:
+    return cfg.method == "learned" and getattr(cfg.learned, "objective", "importance") == "output"
+
+
+def _calibrate(
+    model: onnx.ModelProto | Path, plan: Plan, selected: list[str], cfg: OptimizeConfig
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """‖X_k‖₂ over calibration tokens for the input of every selected weight, and (for the output objective) a
+    reservoir sample of activation rows."""
     from permsparse.optimizer.calibration import CalibrationConfig, collect_activation_stats
     from permsparse.optimizer.data import make_feeds
 
@@ -252,8 +262,14 @@ def _calibrate(model: onnx.ModelProto | Path, plan: Plan, selected: list[str], c
         tokenizer_dir=cfg.tokenizer_dir,
         seed=cfg.seed,
     )
-    stats = collect_activation_stats(model, names, feeds, CalibrationConfig(samples=cfg.calib_samples, seed=cfg.seed))
-    return {name: np.asarray(s.norm, dtype=np.float64) for name, s in stats.items()}
+    rows = 512 if _wants_output_objective(cfg) else 0
+    stats = collect_activation_stats(
+        model, names, feeds, CalibrationConfig(samples=cfg.calib_samples, seed=cfg.seed, max_rows=rows,
+                                               progress=cfg.progress)
+    )
+    norms = {name: np.asarray(s.norm, dtype=np.float64) for name, s in stats.items()}
+    samples = {name: s.sample for name, s in stats.items() if s.sample is not None}
+    return norms, samples
 
 
 def _weight_values(consts: Mapping[str, ConstRef], plan: Plan, name: str) -> np.ndarray:
@@ -267,9 +283,24 @@ def _importance(kind: str, wk: np.ndarray, x_norm: np.ndarray | None) -> np.ndar
     return np.asarray(compute_importance(kind, wk, x_norm), dtype=np.float32)
 
 
-def _problem(plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray], cfg: OptimizeConfig) -> PermutationProblem:
-    """The unit's importances in its canonical channel space (tied head blocks become extra columns)."""
+def _problem(
+    plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray], cfg: OptimizeConfig,
+    consts: Mapping[str, ConstRef] | None = None, x_samples: Mapping[str, np.ndarray] | None = None,
+) -> PermutationProblem:
+    """The unit's importances in its canonical channel space (tied head blocks become extra columns).
+
+    For the output objective, the calibration activations and dense weights are attached when every sibling reads
+    the same tensor in canonical order (a sibling group); other units fall back to the importance objective.
+    """
     mats = []
+    inputs = {plan.weights[w].input for w in unit.weights}
+    if x_samples and consts is not None and len(inputs) == 1 and next(iter(inputs)) in x_samples:
+        if unit.group is not None or _trivial_rows(plan, unit):
+            x = x_samples[next(iter(inputs))]
+            ws = tuple(_weight_values(consts, plan, w).astype(np.float32) for w in unit.weights)
+            mats = [importances[w] for w in unit.weights]
+            return PermutationProblem(name=unit.name, importances=tuple(mats), block=unit.block, n=cfg.n, m=cfg.m,
+                                      activations=x, weights=ws)
     if unit.group is not None:
         mats = [importances[w] for w in unit.weights]
     else:
@@ -295,7 +326,17 @@ def _problem(plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray], cfg:
     return PermutationProblem(name=unit.name, importances=tuple(mats), block=unit.block, n=cfg.n, m=cfg.m)
 
 
-def _solve(plan: Plan, units: list[Unit], consts, x_norms, cfg: OptimizeConfig):
+def _trivial_rows(plan: Plan, unit: Unit) -> bool:
+    closure = plan.closures[unit.closure]
+    for wname in unit.weights:
+        w = plan.weights[wname]
+        bm = next(mb.block_map for mb in closure.members if mb.const == w.const and mb.axis == w.k_axis)
+        if len(bm) != closure.n_classes or not np.array_equal(bm, np.arange(len(bm))):
+            return False
+    return True
+
+
+def _solve(plan: Plan, units: list[Unit], consts, x_norms, x_samples, cfg: OptimizeConfig):
     """Learn every unit's permutation, a chunk of units at a time so importances of a big model are never all held."""
     from permsparse.optimizer.solve import solve_all
 
@@ -311,7 +352,7 @@ def _solve(plan: Plan, units: list[Unit], consts, x_norms, cfg: OptimizeConfig):
         names = {w for u in part for w in u.weights}
         imps = {n: _importance(cfg.importance, _weight_values(consts, plan, n), x_norms.get(plan.weights[n].input))
                 for n in names}
-        problems = [_problem(plan, u, imps, cfg) for u in part]
+        problems = [_problem(plan, u, imps, cfg, consts, x_samples) for u in part]
         del imps
         results = solve_all(
             problems, cfg.method, workers=cfg.workers, seed=cfg.seed,
