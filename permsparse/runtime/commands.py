@@ -97,7 +97,7 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--sparse-method", choices=("semi", "cutlass", "cusparselt", "cslt"), default=None,
                    help="torch backend's sparse kernel (default: semi = torch's default semi-structured backend)")
     p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--plot", type=Path, default=None, help="bar plot PNG (default: MODEL.bench-BACKEND.png)")
+    p.add_argument("--plot", type=Path, default=None, help="bar plot PNG (default: MODEL.bench-BACKEND.png beside the sparse model)")
     p.add_argument("--no-plot", action="store_true", help="do not write a plot")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.set_defaults(func=_run_bench)
@@ -109,7 +109,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.warmup < 0:
         raise PermsparseError("--warmup must be >= 0")
-    plot = None if args.no_plot else (args.plot or Path(f"{args.model.stem}.bench-{args.backend}.png"))
+    plot = None if args.no_plot else (args.plot or args.model.with_name(f"{args.model.stem}.bench-{args.backend}.png"))
     config = BenchConfig(
         backend=args.backend,
         shapes=parse_shapes(args.shapes),
