@@ -26,7 +26,7 @@ from permsparse.errors import PermsparseError
 from permsparse.onnxio import check_float32, load_model, save_model, spill_constants
 from permsparse.optimizer.base import PermutationProblem
 from permsparse.passes.analysis import Plan, analyze
-from permsparse.passes.fold import FoldResult, Unit, UnitPlan, apply_fold, block_perm, plan_units
+from permsparse.passes.fold import FoldResult, Unit, UnitPlan, apply_fold, plan_units
 from permsparse.passes.graph import ConstRef, const_index, import_graph, uses_external_data
 from permsparse.passes.probe import probe, probe_runner, random_feeds, resolve_shapes
 from permsparse.passes.sparsify import MaskStats, apply_masks, k_major, mask_weight
@@ -231,13 +231,10 @@ def _verify_feeds(model: onnx.ModelProto, cfg: OptimizeConfig) -> list[dict[str,
     """Random inputs at two sizes (batch 2, two sequence lengths) unless the user fixed the shapes."""
     if cfg.input_shapes:
         return [random_feeds(model, resolve_shapes(model, cfg.input_shapes), seed=cfg.seed + i) for i in (1, 2)]
-    feeds = []
-    for i, seq in enumerate((5, 13)):
-        try:
-            feeds.append(random_feeds(model, resolve_shapes(model, batch=2, seq=seq), seed=cfg.seed + i + 1))
-        except PermsparseError:
-            raise
-    return feeds
+    return [
+        random_feeds(model, resolve_shapes(model, batch=2, seq=seq), seed=cfg.seed + i + 1)
+        for i, seq in enumerate((5, 13))
+    ]
 
 
 def _wants_output_objective(cfg: OptimizeConfig) -> bool:
@@ -308,9 +305,9 @@ def _problem(
         b = closure.block
         for wname in unit.weights:
             w = plan.weights[wname]
-            bm = next(mb.block_map for mb in closure.members if mb.const == w.const and mb.axis == w.k_axis)
+            bm = _row_classes(closure, w)
             imp = importances[wname]
-            if len(bm) == closure.n_classes and np.array_equal(bm, np.arange(len(bm))):
+            if _is_canonical(bm, closure):
                 mats.append(imp)  # rows already in canonical order: no copy
                 continue
             per_class: list[list[np.ndarray]] = [[] for _ in range(closure.n_classes)]
@@ -326,14 +323,19 @@ def _problem(
     return PermutationProblem(name=unit.name, importances=tuple(mats), block=unit.block, n=cfg.n, m=cfg.m)
 
 
+def _row_classes(closure, w) -> np.ndarray:
+    """Canonical class of each block of ``w``'s rows."""
+    return next(mb.block_map for mb in closure.members if mb.const == w.const and mb.axis == w.k_axis)
+
+
+def _is_canonical(block_map: np.ndarray, closure) -> bool:
+    return len(block_map) == closure.n_classes and np.array_equal(block_map, np.arange(len(block_map)))
+
+
 def _trivial_rows(plan: Plan, unit: Unit) -> bool:
+    """True if every sibling's rows are already in canonical order (no head ties or reordering)."""
     closure = plan.closures[unit.closure]
-    for wname in unit.weights:
-        w = plan.weights[wname]
-        bm = next(mb.block_map for mb in closure.members if mb.const == w.const and mb.axis == w.k_axis)
-        if len(bm) != closure.n_classes or not np.array_equal(bm, np.arange(len(bm))):
-            return False
-    return True
+    return all(_is_canonical(_row_classes(closure, plan.weights[w]), closure) for w in unit.weights)
 
 
 def _solve(plan: Plan, units: list[Unit], consts, x_norms, x_samples, cfg: OptimizeConfig):
@@ -389,4 +391,4 @@ def _streaming_mask(plan: Plan, name: str, importance, row_order, sink: list[Mas
     return transform
 
 
-__all__ = ["OptimizeConfig", "OptimizeResult", "optimize", "load_checked", "block_perm"]
+__all__ = ["OptimizeConfig", "OptimizeResult", "optimize", "load_checked"]
