@@ -41,8 +41,8 @@ def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> 
     x = np.arange(len(retention))
     ax.bar(x - 0.2, [r[1] for r in retention], 0.4, label="identity")
     ax.bar(x + 0.2, [r[2] for r in retention], 0.4, label="permuted")
-    lo = min(min(r[1] for r in retention), min(r[2] for r in retention))
-    ax.set_ylim(max(0.0, lo - 0.02), 1.0)
+    values = [v for r in retention for v in r[1:]]
+    ax.set_ylim(max(0.0, min(values) - 0.02), min(1.0, max(values) + 0.02))
     ax.set_xlabel("weight (graph order)")
     ax.set_ylabel("importance kept by N:M")
     ax.legend()
