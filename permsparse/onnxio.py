@@ -65,6 +65,11 @@ def graph_inputs(model: onnx.ModelProto | str | os.PathLike[str]) -> list[InputS
     return specs
 
 
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """True if some initializer keeps its data in an external file."""
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def load_model(path: str | os.PathLike[str], *, lazy: bool = False) -> onnx.ModelProto:
     """Load an ONNX model and check it, raising :class:`PermsparseError` on bad input.
 
@@ -76,7 +81,7 @@ def load_model(path: str | os.PathLike[str], *, lazy: bool = False) -> onnx.Mode
         raise PermsparseError(f"{p}: no such file. Give the path of an .onnx model.")
     try:
         model = onnx.load(str(p), load_external_data=False)
-        external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+        external = uses_external_data(model)
         if external and not lazy:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:  # protobuf raises several types
@@ -138,7 +143,7 @@ def save_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     transform = dict(transform or {})
     if external_data is None:
-        external_data = _has_external(model) or model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(transform)
+        external_data = uses_external_data(model) or model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(transform)
     data_name = out.name + ".data"
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_dir:
         tmp = Path(tmp_dir) / out.name
@@ -154,10 +159,6 @@ def save_model(
 
 _CHUNK = 64 << 20
 _ALIGN = 4096
-
-
-def _has_external(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _write_streaming(model, data_path: Path, data_name: str, base_dir, transform: Mapping[str, Transform]) -> None:
@@ -240,8 +241,3 @@ def spill_constants(graph, names: set[str], folder: str | os.PathLike[str]) -> N
             offset += arr.nbytes
             t._values = ExternalValues(proto, folder)
 
-
-def _external_tensors(model: onnx.ModelProto):
-    for tensor in model.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            yield tensor

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from permsparse.passes.graph import WeightChain, const_of, opset_of, resolve_weight
+from permsparse.passes.graph import WeightChain, const_index, const_of, opset_of, resolve_weight
 from permsparse.passes.probe import Probe
 
 log = logging.getLogger(__name__)
@@ -476,6 +476,7 @@ def analyze(
 
     # 1. Weights read by MatMul/Gemm through a resolvable chain.
     chains: dict[str, WeightChain] = {}
+    chain_nodes: set[int] = set()  # Transpose/Cast nodes on a weight's way to MatMul
     weights: dict[str, WeightInfo] = {}
     readers: dict[str, int] = {}
     for node in graph.nodes:
@@ -495,6 +496,7 @@ def analyze(
         if chain is None:
             continue
         chains[node.name] = chain
+        chain_nodes.update(id(x) for x in _chain_nodes(node))
         k = chain.const.shape[chain.k_axis]
         nn = chain.const.shape[chain.n_axis]
         reason = None
@@ -532,13 +534,13 @@ def analyze(
     rules: list[_NodeRule] = []
     touching: dict[Item, list[int]] = {}
     nodes = list(graph.nodes)
-    chain_nodes = {id(x) for name, chain in chains.items() for x in _chain_nodes(graph, name)}
     for idx, node in enumerate(nodes):
         # Transpose/Cast nodes on a weight's way to MatMul are accounted for by the MatMul's rule.
         rule = _NodeRule() if id(node) in chain_nodes else _node_rule(node, ctx, chains)
         rules.append(rule)
         for it in set(rule.items()):
             touching.setdefault(it, []).append(idx)
+    const_shapes = {name: ref.shape for name, ref in const_index(graph).items()}
     # 3. Closures, seeded from the input of every weight.
     seen: dict[Item, int] = {}
     closures: list[Closure] = []
@@ -550,14 +552,13 @@ def analyze(
             continue
         cid = len(closures)
         items, node_ids, boundaries = _walk(seed, rules, touching, nodes, graph_inputs, graph_outputs, seen, cid)
-        closure = _build_closure(cid, items, node_ids, boundaries, rules, nodes, chains, weights, ctx, m)
+        closure = _build_closure(cid, items, node_ids, boundaries, rules, nodes, chains, weights, ctx, m, const_shapes)
         closures.append(closure)
         weight_closure[w.name] = cid
     return Plan(weights=weights, closures=closures, weight_closure=weight_closure, n=n, m=m)
 
 
-def _chain_nodes(graph: gs.Graph, node_name: str) -> list[gs.Node]:
-    node = next(n for n in graph.nodes if n.name == node_name)
+def _chain_nodes(node: gs.Node) -> list[gs.Node]:
     found = []
     cur = node.inputs[1]
     while const_of(cur) is None and len(cur.inputs) == 1:
@@ -622,13 +623,7 @@ def _item_shape(it: Item, ctx: _Ctx, const_shapes: Mapping[str, tuple[int, ...]]
     return (const_shapes[it[1]][it[2]],)
 
 
-def _build_closure(cid, items, node_ids, boundaries, rules, nodes, chains, weights, ctx, m) -> Closure:
-    const_shapes: dict[str, tuple[int, ...]] = {}
-    for node in nodes:
-        for t in node.inputs:
-            ref = const_of(t)
-            if ref is not None:
-                const_shapes[ref.name] = ref.shape
+def _build_closure(cid, items, node_ids, boundaries, rules, nodes, chains, weights, ctx, m, const_shapes) -> Closure:
     shapes = {it: _item_shape(it, ctx, const_shapes) for it in items}
     lasts = [s[-1] for s in shapes.values() if s]
     block = 0

@@ -11,6 +11,8 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from permsparse.onnxio import uses_external_data
+
 #: Ops a weight may be read through on its way to MatMul's B input. Each must keep the matrix's axes identifiable.
 WEIGHT_CHAIN_OPS = ("Transpose", "Cast", "Identity")
 
@@ -75,10 +77,6 @@ def read_external(tensor: TensorProto, base_dir: str | os.PathLike[str]) -> np.n
         f.seek(offset)
         arr = np.fromfile(f, dtype=dtype, count=count)
     return arr.reshape(tuple(tensor.dims))
-
-
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def import_graph(model: onnx.ModelProto, base_dir: str | os.PathLike[str] | None = None) -> gs.Graph:
