@@ -1,6 +1,50 @@
-"""permsparse: 2:4 sparsity for ONNX Transformers with learned channel permutations folded into the weights."""
+"""permsparse: 2:4 sparsity for ONNX Transformers with learned channel permutations folded into the weights.
 
-from permsparse.errors import PermsparseError
+Public API (lazy: nothing heavy is imported until a verb runs)::
 
-__version__ = "0.1.0"
-__all__ = ["PermsparseError", "__version__"]
+    import permsparse
+    result = permsparse.optimize("model.onnx", "model.sparse.onnx", permsparse.OptimizeConfig(importance="wanda"))
+    report = permsparse.inspect("model.sparse.onnx")
+
+Verbs: :func:`optimize`, :func:`inspect`, :func:`build`, :func:`bench`, :func:`export`; configs:
+:class:`OptimizeConfig`, :class:`InspectConfig`, :class:`BuildConfig`, :class:`BenchConfig`, :class:`ExportConfig`;
+values: :class:`NMPattern`, :class:`ShapeSpec`; errors: :class:`PermsparseError` and its subclasses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from permsparse.errors import Interrupted, PermsparseError, UsageError, VerificationError
+
+__version__ = "0.2.0"
+
+_LAZY = {
+    "optimize": "permsparse.api",
+    "inspect": "permsparse.api",
+    "build": "permsparse.api",
+    "bench": "permsparse.api",
+    "export": "permsparse.api",
+    "ExportConfig": "permsparse.api",
+    "OptimizeConfig": "permsparse.config",
+    "InspectConfig": "permsparse.inspection",
+    "BuildConfig": "permsparse.runtime.trt",
+    "BenchConfig": "permsparse.runtime.bench",
+    "NMPattern": "permsparse.pattern",
+    "ShapeSpec": "permsparse.ir.inputs",
+    "OptimizeResult": "permsparse.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'permsparse' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["__version__", "PermsparseError", "UsageError", "VerificationError", "Interrupted", *_LAZY]

@@ -1,218 +1,468 @@
-"""Command line: ``permsparse optimize | inspect | export | build | bench``."""
+"""Command line: ``permsparse optimize | inspect | build | bench | export`` — a thin layer over :mod:`permsparse.api`.
+
+Conventions (the same on every verb): ``-v``/``-q``/``--log-file FILE``/``--json`` before or after the verb; shapes as
+``--shapes name:1x128`` (or ``name:MIN,OPT,MAX``, or Polygraphy's ``name:[1,128]``), trtexec's
+``--minShapes/--optShapes/--maxShapes`` and Polygraphy's ``--input-shapes`` accepted too; exit codes 0 ok,
+1 failure, 2 usage, 3 verification refused to write, 130 interrupted. ``--json`` prints one JSON object
+``{"command", "ok", ...}`` on stdout (also on failure, with ``error`` and ``exit_code``); errors are one line on
+stderr, never a traceback (``-vv`` shows it). Only argparse and permsparse's light modules load before a verb runs, so
+``--help`` and ``--version`` are instant.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from permsparse.errors import PermsparseError
+from permsparse import __version__
+from permsparse.config import (
+    BACKENDS,
+    EXPORTERS,
+    IMPORTANCES,
+    METHODS,
+    MODEL_NAMES,
+    MODEL_SIZES,
+    OBJECTIVES,
+    POLICIES,
+    PRECISION_MODES,
+    PRECISIONS,
+    SPARSE_METHODS,
+)
+from permsparse.errors import PermsparseError, UsageError
 
 log = logging.getLogger("permsparse")
 
 
-def _pattern(text: str) -> tuple[int, int]:
+@dataclass
+class Outcome:
+    """What a verb says: human text, and the same facts as JSON-friendly data."""
+
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------- argument types
+
+
+def _positive_int(text: str) -> int:
     try:
-        n, m = (int(x) for x in text.split(":"))
+        v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"pattern must look like 2:4, got {text!r}") from None
-    if not 0 < n < m:
-        raise argparse.ArgumentTypeError(f"pattern N:M needs 0 < N < M, got {text!r}")
-    return n, m
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return v
 
 
-def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+def _nonneg_int(text: str) -> int:
     try:
-        name, dims = text.rsplit(":", 1)
-        return name, tuple(int(d) for d in dims.lower().split("x"))
+        v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"input shape must look like NAME:1x3x224x224, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return v
 
 
-def _add_shape_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        type=_input_shape,
-        default=[],
-        metavar="NAME:DxDx..",
-        help="concrete shape of a graph input for analysis and checks (repeatable), e.g. pixel_values:1x3x224x224",
-    )
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
 
 
-def _cmd_optimize(args: argparse.Namespace) -> int:
-    from permsparse.optimizer.methods import METHODS
-    from permsparse.pipeline import OptimizeConfig, optimize
-    from permsparse.summary import optimize_summary
+def _pattern(text: str) -> str:
+    from permsparse.pattern import NMPattern
 
-    if args.method not in METHODS:
-        raise PermsparseError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    try:
+        return str(NMPattern.parse(text))
+    except PermsparseError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------------- shared options
+
+
+def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """-v/-q/--log-file/--json; on sub-parsers their defaults are suppressed so the top-level values survive."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="count", help="more logging (-vv: debug, with tracebacks)",
+                   **({"default": 0} if top else d))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only warnings and errors",
+                   **({"default": False} if top else d))
+    p.add_argument("--log-file", type=Path, metavar="FILE", help="also write a debug log to FILE",
+                   **({"default": None} if top else d))
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout",
+                   **({"default": False} if top else d))
+
+
+def _shapes(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("input shapes")
+    g.add_argument("--shapes", nargs="+", action="extend", default=[], metavar="NAME:SHAPE",
+                   help=f"{what}: NAME:1x128, NAME:[1,128] or NAME:MIN,OPT,MAX (e.g. input_ids:1x8,4x128,8x512)")
+    g.add_argument("--input-shapes", nargs="+", action="extend", default=[], metavar="NAME:[D,...]",
+                   help="Polygraphy-style fixed shapes (same as --shapes)")
+    for flag in ("minShapes", "optShapes", "maxShapes"):
+        g.add_argument(f"--{flag}", action="append", default=[], metavar="NAME:DxD[,NAME:DxD]",
+                       help=f"trtexec-style {flag[:3]} shapes" if flag != "optShapes" else "trtexec-style opt shapes")
+
+
+def _shape_specs(args: argparse.Namespace) -> dict:
+    from permsparse.ir.inputs import merge_profile_args
+
+    return merge_profile_args(list(args.shapes) + list(args.input_shapes), args.minShapes, args.optShapes,
+                              args.maxShapes) or {}
+
+
+# ------------------------------------------------------------------------------------------------- verbs
+
+
+def _cmd_optimize(args: argparse.Namespace) -> Outcome:
+    from permsparse.api import optimize
+    from permsparse.config import OptimizeConfig
+
     learned = None
-    if args.method == "learned" and (args.objective != "importance" or args.learn_window or args.learn_iters):
+    if args.learn_window or args.learn_iters:
         from permsparse.optimizer.learned import LearnedConfig
 
-        kw = {"objective": args.objective}
+        kw: dict[str, Any] = {}
         if args.learn_window:
             kw["window"] = args.learn_window
         if args.learn_iters:
             kw["iterations"] = args.learn_iters
         learned = LearnedConfig(**kw)
-    n, m = args.pattern
+    options: dict[str, Any] = {}
+    recipe_perms = None
+    if args.recipe is not None:
+        from permsparse.recipe import read_recipe
+
+        doc = read_recipe(args.recipe)
+        options = {k: v for k, v in doc["options"].items() if k in ("method", "policy", "pattern", "importance",
+                                                                    "prune_head", "exclude", "seed")}
+        options["exclude"] = tuple(options.get("exclude") or ())
+        recipe_perms = doc["units"]
+    given = {k: getattr(args, k) for k in ("method", "policy", "pattern", "importance", "objective", "calib",
+                                           "calib_samples", "calib_seq_len", "tokenizer", "seed", "budget_s",
+                                           "workers", "rtol") if getattr(args, k) is not None}
+    options.update(given)
     cfg = OptimizeConfig(
-        method=args.method,
-        policy=args.policy,
-        n=n,
-        m=m,
-        importance=args.importance,
+        **options,
         mask=not args.no_mask,
-        prune_head=args.prune_head,
-        exclude=tuple(args.exclude),
-        input_shapes=dict(args.input_shape) or None,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        tokenizer_dir=args.tokenizer,
-        seed=args.seed,
-        budget_s=args.budget_s,
-        workers=args.workers,
+        prune_head=args.prune_head or options.get("prune_head"),
+        exclude=tuple(args.exclude) or options.get("exclude"),
+        shapes=_shape_specs(args) or None,
         learned=learned,
+        recipe_perms=recipe_perms,
+        evaluate=args.report is not None,
         progress=not args.quiet,
-    )
+    ).resolved()
     result = optimize(args.model, args.output, cfg)
-    print(optimize_summary(result))
+    from permsparse.report import quality_lines
+    from permsparse.summary import optimize_summary
+
+    lines = [optimize_summary(result), *quality_lines(result)]
+    data: dict[str, Any] = {
+        "output": str(args.output),
+        "pattern": str(cfg.pattern),
+        "weights_pruned": len(result.selected),
+        "nm_valid": sum(result.nm_valid.values()),
+        "permutations": len(result.units.units),
+        "gathers": len(result.fold.gathers),
+        "fold_check": {"max_rel_error": result.equivalence.max_rel_error, "rtol": result.equivalence.rtol,
+                       "method": result.equivalence.method},
+        "timings": result.timings,
+        "quality": result.quality,
+    }
     if args.report:
         from permsparse.report import write_report
 
-        path = write_report(result, args.model, args.report, cfg)
-        print(f"report: {path}")
-    print(f"wrote {args.output} ({'dense, permuted' if args.no_mask else f'{n}:{m} sparse'}) in {result.timings['total']:.1f} s")
-    return 0
+        path = write_report(result, args.report)
+        lines.append(f"report: {path}")
+        data["report"] = str(path)
+    lines.append(f"wrote {args.output} ({'dense, permuted' if args.no_mask else f'{cfg.pattern} sparse'}) "
+                 f"in {result.timings['total']:.1f} s")
+    return Outcome("\n".join(lines), data)
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    import onnx_graphsurgeon as gs
+def _cmd_inspect(args: argparse.Namespace) -> Outcome:
+    from permsparse.api import inspect
+    from permsparse.inspection import InspectConfig
+    from permsparse.summary import inspect_table
 
-    from permsparse.passes.analysis import analyze
-    from permsparse.passes.probe import probe, random_feeds, resolve_shapes
-    from permsparse.pipeline import load_checked
-    from permsparse.summary import inspect_rows, table
+    result = inspect(args.model, InspectConfig(pattern=args.pattern, shapes=_shape_specs(args) or None))
+    return Outcome(inspect_table(result), result.to_dict())
 
-    n, m = args.pattern
-    model = load_checked(args.model)
-    shapes = resolve_shapes(model, dict(args.input_shape) or None)
-    pr = probe(model, random_feeds(model, shapes))
-    graph = gs.import_onnx(model)
-    plan = analyze(graph, pr, n=n, m=m, prune_head=True)
-    records = inspect_rows(graph, plan)
-    if args.json:
-        closures = [
-            {
-                "id": c.id,
-                "block": c.block,
-                "k": c.k,
-                "siblings": c.siblings,
-                "groups": {k: v for k, v in c.groups.items()},
-                "foldable": c.foldable,
-                "status": c.describe(),
-                "boundaries": [b.reason for b in c.boundaries],
-                "members": [{"constant": mb.const, "axis": mb.axis, "role": mb.role} for mb in c.members],
-            }
-            for c in plan.closures
-        ]
-        print(json.dumps({"model": str(args.model), "pattern": f"{n}:{m}", "weights": records, "closures": closures}, indent=2))
-        return 0
-    valid_key, kept_key = f"valid_{n}_{m}", f"kept_abs_by_{n}_{m}"
-    rows = [
-        [
-            r["weight"],
-            "x".join(map(str, r["shape"])),
-            r["k_axis"],
-            r["closure"],
-            r["fold"] if len(r["fold"]) < 60 else r["fold"][:57] + "...",
-            "yes" if r[valid_key] else "no",
-            f"{r['density']:.3f}",
-            "-" if r[kept_key] is None else f"{r[kept_key]:.4f}",
-        ]
-        for r in records
-    ]
-    print(table(["weight", "shape", "K axis", "closure", "fold", f"{n}:{m}", "density", f"|W| kept by {n}:{m}"], rows))
-    valid = sum(r[valid_key] for r in records)
-    print(f"{len(records)} weights, {valid} valid {n}:{m}; {len(plan.closures)} closures, "
-          f"{sum(c.foldable for c in plan.closures)} fold for free")
-    return 0
+
+def _cmd_build(args: argparse.Namespace) -> Outcome:
+    from permsparse.api import build
+    from permsparse.runtime.trt import BuildConfig
+
+    out = args.output or args.model.with_suffix(".plan")
+    config = BuildConfig(
+        precision=args.precision, sparse=args.sparse, shapes=_shape_specs(args), workspace_gb=args.workspace,
+        timing_cache=args.timing_cache, keep_fp32_ops=tuple(args.keep_fp32) if args.keep_fp32 else None,
+        precision_mode=args.precision_mode, log_path=args.trt_log,
+    )
+    report = build(args.model, out, config)
+    data = {"engine": str(report.engine_path), "bytes": report.engine_bytes, "module": report.module,
+            "precision": report.precision, "seconds": report.build_seconds, "sparse_layers": report.n_sparse,
+            "candidates": report.n_candidates,
+            "layers": [{"layer": x.node, "k": x.k, "n": x.n, "nm_valid": x.is_2to4, "status": x.status,
+                        "reason": x.reason} for x in report.layers]}
+    return Outcome(report.summary(), data)
+
+
+def _cmd_bench(args: argparse.Namespace) -> Outcome:
+    from permsparse.api import bench
+    from permsparse.runtime.bench import BenchConfig, write_json
+
+    plot = None if args.no_plot else (args.plot or args.model.with_name(f"{args.model.stem}.bench-{args.backend}.png"))
+    config = BenchConfig(backend=args.backend, shapes=_shape_specs(args), iters=args.iters, warmup=args.warmup,
+                         precision=args.precision, sparse_method=args.sparse_method, threads=args.threads,
+                         plot_path=plot)
+    result = bench(args.model, args.dense, config)
+    lines = [result.table()]
+    if plot:
+        lines.append(f"plot: {plot}")
+    if args.save_json:
+        write_json(result, args.save_json)
+        lines.append(f"json: {args.save_json}")
+    return Outcome("\n".join(lines), result.to_dict())
+
+
+def _cmd_export(args: argparse.Namespace) -> Outcome:
+    import time
+
+    from permsparse.api import ExportConfig, export
+    from permsparse.models.export import summarize_onnx
+
+    start = time.perf_counter()
+    path = export(args.model, args.output, ExportConfig(exporter=args.exporter, size=args.size, seed=args.seed,
+                                                        hf_dir=args.hf_dir))
+    elapsed = time.perf_counter() - start
+    info = summarize_onnx(path)
+    ins = ", ".join(f"{k}{v}" for k, v in info["inputs"].items())
+    outs = ", ".join(f"{k}{v}" for k, v in info["outputs"].items())
+    extra = f" + {path.name}.data" if info["external_data"] else ""
+    text = (f"exported {args.model} ({args.exporter}) -> {path}{extra}: {info['bytes'] / 1e6:.1f} MB, "
+            f"{info['nodes']} nodes, {info['linear_matmuls']} MatMul weights, {ins} -> {outs}, {elapsed:.1f} s")
+    return Outcome(text, {**info, "seconds": elapsed})
+
+
+# ------------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="permsparse",
         description="2:4 sparsity for ONNX Transformers with learned channel permutations folded into the weights.",
+        epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 verification refused to write, 130 interrupted",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"permsparse {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
 
-    p = sub.add_parser("optimize", help="analyze, calibrate, learn permutations, fold, mask, verify, write")
-    p.add_argument("model", type=Path, help="input .onnx (fp32; never modified)")
+    p = sub.add_parser("optimize", help="analyze, calibrate, learn permutations, fold, mask, verify, write",
+                       description="Make a model N:M sparse with learned channel permutations folded into the "
+                       "weights; the permuted dense model is proven equal to the input before anything is written.")
+    _common(p)
+    p.add_argument("model", type=Path, help="input .onnx (never modified)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx (written atomically)")
-    p.add_argument("--method", default="learned", help="identity | lsa | channel_swap | learned (default)")
-    p.add_argument("--policy", choices=("fold", "global", "local"), default="local",
-                   help="how permutations are realized: fold (no op added), global (one per closure, Gathers at "
-                        "blocked boundaries), local (default: one per sibling group, a Gather per cut)")
-    p.add_argument("--pattern", type=_pattern, default=(2, 4), help="N:M pattern along K (default 2:4; 4:8 works)")
-    p.add_argument("--importance", choices=("magnitude", "wanda", "ria"), default="magnitude",
-                   help="weight importance; wanda/ria run calibration")
-    p.add_argument("--calib", default=None,
-                   help="calibration data: text file, token-id .npy/.txt, image folder or .npy (default: built-in "
-                        "real text for text models)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default 32)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory for text calibration data")
+    p.add_argument("--method", choices=METHODS, default=None, help="permutation method (default learned)")
+    p.add_argument("--policy", choices=POLICIES, default=None,
+                   help="fold: no op added; global: one permutation per closure, Gathers at blocked boundaries; "
+                        "local (default): one per sibling group, a Gather per cut")
+    p.add_argument("--pattern", type=_pattern, default=None, help="N:M pattern along K (default 2:4)")
+    p.add_argument("--importance", choices=IMPORTANCES, default=None,
+                   help="mask importance (default magnitude); wanda/ria calibrate on real data")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="what the learned method optimizes (default importance)")
+    p.add_argument("--calib", default=None, metavar="DATA",
+                   help="calibration data: text file, .json/.jsonl, folder of .txt, token ids (.npy/.txt), images "
+                        "(default: built-in real Wikipedia text for text models)")
+    p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration examples (default 32)")
+    p.add_argument("--calib-seq-len", type=_positive_int, default=None, help="tokens per example (default 128)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder (default: the one beside the model, else the built-in one)")
     p.add_argument("--no-mask", action="store_true", help="write the permuted dense model (no masks)")
     p.add_argument("--prune-head", action="store_true", help="also prune weights that write a graph output")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
-                   help="keep weights whose node or constant name matches REGEX dense (repeatable)")
-    p.add_argument("--objective", choices=("importance", "output"), default="importance",
-                   help="learned method: retained importance (default) or layer-output error")
-    p.add_argument("--learn-window", type=int, default=None, help="learned method: channels per learned block")
-    p.add_argument("--learn-iters", type=int, default=None, help="learned method: optimizer steps per window")
-    p.add_argument("--budget-s", type=float, default=None, help="time budget for learning, in seconds")
-    p.add_argument("--workers", type=int, default=None, help="processes for learning (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report", type=Path, default=None, help="write a Markdown quality report with plots to DIR")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _add_shape_args(p)
+                   help="keep weights whose node, constant or layer name matches REGEX dense (repeatable)")
+    p.add_argument("--learn-window", type=_positive_int, default=None, help="learned: channels per learned block")
+    p.add_argument("--learn-iters", type=_positive_int, default=None, help="learned: optimizer steps per window")
+    p.add_argument("--budget-s", type=_positive_float, default=None, metavar="S", help="time budget for learning")
+    p.add_argument("--workers", type=_positive_int, default=None, help="solver processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=None, help="seed of every random choice (default 0)")
+    p.add_argument("--rtol", type=_positive_float, default=None, help="fold check tolerance (default 1e-4)")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="measure plain N:M vs the result on held-out data; write a Markdown report with plots")
+    p.add_argument("--recipe", type=Path, default=None, metavar="FILE",
+                   help="replay a recipe.json written by an earlier run (same options and permutations)")
+    _shapes(p, "shapes for analysis and checks")
     p.set_defaults(func=_cmd_optimize)
 
-    p = sub.add_parser("inspect", help="list weights, closures, fold status and N:M validity")
+    p = sub.add_parser("inspect", help="weights, closures, fold status and N:M validity")
+    _common(p)
     p.add_argument("model", type=Path)
-    p.add_argument("--pattern", type=_pattern, default=(2, 4))
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_shape_args(p)
+    p.add_argument("--pattern", type=_pattern, default=None, help="N:M pattern to check (default 2:4)")
+    _shapes(p, "shapes for the analysis")
     p.set_defaults(func=_cmd_inspect)
 
-    from permsparse.models.commands import add_export_parser
-    from permsparse.runtime.commands import add_bench_parser, add_build_parser
+    p = sub.add_parser("build", help="build a TensorRT / TensorRT-RTX engine with sparse weights",
+                       description="Parse an ONNX model with the installed TensorRT (tensorrt preferred, else "
+                       "tensorrt_rtx), enable sparse weights, and report which layers got (or can get) sparse tactics.")
+    _common(p)
+    p.add_argument("model", type=Path, help="ONNX model (e.g. the output of `permsparse optimize`)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="engine file (default: MODEL with .plan)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="engine precision (strongly typed TensorRT: converts the ONNX; TensorRT 8/10: builder flag)")
+    p.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
+    p.add_argument("--sparse", dest="sparse", action="store_true", default=True, help="enable sparse weights (default)")
+    p.add_argument("--sparsity", dest="sparse", choices=("enable", "disable"), default=argparse.SUPPRESS,
+                   type=str, help="trtexec spelling of --sparse/--no-sparse")
+    p.add_argument("--no-sparse", dest="sparse", action="store_false", help="build a dense engine")
+    p.add_argument("--workspace", type=_positive_float, default=None, metavar="GB", help="workspace limit in GiB")
+    p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE", help="timing cache to read and update")
+    p.add_argument("--precision-mode", choices=PRECISION_MODES, default="auto",
+                   help="how to get fp16/bf16: builder flags (TensorRT 8/10) or ONNX conversion (default: auto)")
+    p.add_argument("--keep-fp32", nargs="+", default=None, metavar="OP",
+                   help="op types kept in fp32 by the conversion (default: norms, softmax, reductions, Pow, Sqrt)")
+    p.add_argument("--trt-log", type=Path, default=None, metavar="FILE", help="write TensorRT's verbose log there")
+    _shapes(p, "optimization profile")
+    p.set_defaults(func=_cmd_build)
 
-    add_export_parser(sub)
-    add_build_parser(sub)
-    add_bench_parser(sub)
+    p = sub.add_parser("bench", help="latency of the sparse model vs the dense one (table + bar plot)")
+    _common(p)
+    p.add_argument("model", type=Path, help="sparse ONNX model (or a .plan for --backend tensorrt)")
+    p.add_argument("--dense", type=Path, required=True, help="the dense ONNX model (or .plan) to compare with")
+    p.add_argument("--backend", choices=BACKENDS, default="ort",
+                   help="ort: CPU (default); torch: the MatMuls, dense vs semi-structured (GPU); tensorrt: engines (GPU)")
+    p.add_argument("--iters", type=_positive_int, default=50, help="timed samples (default 50)")
+    p.add_argument("--warmup", type=_nonneg_int, default=10, help="untimed warm-up calls (default 10)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="torch/tensorrt precision (default fp16); ort runs the models as stored")
+    p.add_argument("--sparse-method", choices=SPARSE_METHODS, default=None, help="torch backend's 2:4 kernel")
+    p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--plot", type=Path, default=None, help="bar plot PNG (default: beside the sparse model)")
+    p.add_argument("--no-plot", action="store_true", help="do not write a plot")
+    p.add_argument("--save-json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
+    _shapes(p, "shapes to time (the OPT shape)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("export", help="export a built-in or local Hugging Face model to ONNX",
+                       description="minilm: the real all-MiniLM-L6-v2 (offline); vit, llama: seeded test models; "
+                       "hf: a local Hugging Face checkpoint (--hf-dir). Weights over ~1.8 GB go to OUT.onnx.data.")
+    _common(p)
+    p.add_argument("model", choices=MODEL_NAMES, help="which model to export")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx", help="ONNX file to write")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch.onnx exporter (default dynamo)")
+    p.add_argument("--size", choices=MODEL_SIZES, default="tiny", help="preset size for vit/llama (default tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in models' weights (default 0)")
+    p.add_argument("--hf-dir", metavar="DIR", default=None, help="local Hugging Face checkpoint (model hf)")
+    p.set_defaults(func=_cmd_export)
     return parser
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    verbose = getattr(args, "verbose", 0) or 0
+    level = logging.ERROR if getattr(args, "quiet", False) else logging.WARNING - 10 * min(verbose, 2)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.DEBUG if getattr(args, "log_file", None) else level))
+    log_file = getattr(args, "log_file", None)
+    if log_file is not None:
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "sparse", None) in ("enable", "disable"):
+        args.sparse = args.sparse == "enable"
+    _setup_logging(args)
+    as_json = bool(getattr(args, "json", False))
+    if as_json or getattr(args, "quiet", False):
+        args.quiet = True
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    func: Callable[[argparse.Namespace], Outcome] = args.func
     try:
-        return int(args.func(args) or 0)
-    except PermsparseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        outcome = func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fail(args, as_json, "interrupted: stopped, temporary files removed, nothing written", 130)
+    except PermsparseError as exc:
+        if getattr(args, "verbose", 0) >= 2:
+            log.exception("failure")
+        return _fail(args, as_json, str(exc), exc.exit_code)
+    except MemoryError:
+        return _fail(args, as_json, "out of memory; try fewer --calib-samples or --workers 1", 1)
+    except OSError as exc:
+        if getattr(args, "verbose", 0) >= 2:
+            log.exception("failure")
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return _fail(args, as_json, f"{exc.strerror or exc}{where}", 1)
+    except Exception as exc:  # a bug: still one line, the traceback with -vv
+        if getattr(args, "verbose", 0) >= 2:
+            log.exception("internal error")
+        return _fail(args, as_json, f"internal error ({type(exc).__name__}: {exc}); run with -vv for the traceback "
+                     "and please report it", 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        print(json.dumps({"command": args.command, "ok": True, **outcome.data}, default=_jsonable))
+    else:
+        print(outcome.text)
+    return 0
+
+
+def _fail(args: argparse.Namespace, as_json: bool, message: str, code: int) -> int:
+    message = " ".join(message.split("\n")) if message else "failed"
+    print(f"error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"command": getattr(args, "command", None), "ok": False, "error": message,
+                          "exit_code": code}))
+    return code
+
+
+def _jsonable(x: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(x)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "UsageError"]

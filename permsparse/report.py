@@ -1,33 +1,31 @@
-"""Quality report for ``permsparse optimize --report DIR``: Markdown plus matplotlib plots.
+"""Quality report for ``permsparse optimize --report DIR``: Markdown plus matplotlib plots — a view of the result.
 
-What it shows, all measured in the run that writes it:
+It shows what the run measured (it computes nothing new and never re-runs the pipeline):
 
 - per weight, the share of importance kept by N:M masking with the identity order vs the learned order;
 - per permutation unit, the efficacy: the share of the gap between plain N:M and the unstructured bound (each column
   keeping its best n/m of rows anywhere) that the permutation recovers;
-- model level, the drift of the sparse model from the dense input on held-out inputs (cosine of outputs, mean-pooled
-  sentence cosine for encoders with an attention mask, cross-entropy/perplexity for decoders), for the chosen method
-  and for plain N:M without permutation, so the gain is visible.
+- model level (when the run evaluated it, :mod:`permsparse.evaluate`), the drift of plain N:M and of the result from
+  the dense input on held-out inputs: output cosine, mean-pooled sentence cosine (encoders), perplexity (decoders).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from permsparse.errors import PermsparseError
+from permsparse.summary import DEFINITIONS, unit_label
 
 log = logging.getLogger(__name__)
 
 
 def weight_retention(result) -> list[tuple[str, float, float]]:
-    """(weight, importance kept by plain N:M, kept after the learned permutation) for every masked weight."""
-    return [(st.weight, st.kept_share_identity, st.kept_share) for st in result.masks]
+    """(layer, importance kept by plain N:M, kept after the learned permutation) for every masked weight."""
+    return [(result.plan.weights[st.weight].label, st.kept_share_identity, st.kept_share) for st in result.masks]
 
 
 def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> list[str]:
@@ -39,7 +37,7 @@ def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> 
     files = []
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(retention)), 3.6))
     x = np.arange(len(retention))
-    ax.bar(x - 0.2, [r[1] for r in retention], 0.4, label="identity")
+    ax.bar(x - 0.2, [r[1] for r in retention], 0.4, label="plain N:M")
     ax.bar(x + 0.2, [r[2] for r in retention], 0.4, label="permuted")
     values = [v for r in retention for v in r[1:]]
     ax.set_ylim(max(0.0, min(values) - 0.02), min(1.0, max(values) + 0.02))
@@ -51,7 +49,6 @@ def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> 
     fig.savefig(out_dir / "retained.png", dpi=120)
     plt.close(fig)
     files.append("retained.png")
-
     reps = result.unit_reports
     if reps:
         fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(reps)), 3.2))
@@ -67,92 +64,76 @@ def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> 
     return files
 
 
-def _drift(src: Path, sparse: Path, cfg) -> dict[str, Any]:
-    from permsparse.optimizer.data import make_feeds
-    from permsparse.optimizer.metrics import evaluate_drift
-
-    feeds = make_feeds(
-        str(src), cfg.calib, samples=64, batch_size=8, seq_len=cfg.calib_seq_len,
-        tokenizer_dir=cfg.tokenizer_dir, seed=cfg.seed + 1, split="heldout",
-    )
-    return evaluate_drift(str(src), str(sparse), feeds, progress=False)
-
-
-def _drift_rows(name: str, d: dict[str, Any]) -> list[str]:
+def _drift_cells(name: str, d: dict[str, Any]) -> list[str]:
     cells = [name, f"{d['cosine']:.4f}", f"{d['rel_error']:.4f}"]
     cells.append(f"{d['pooled_cosine']:.4f}" if "pooled_cosine" in d else "-")
     cells.append(f"{d['ppl_sparse']:.2f} (dense {d['ppl_dense']:.2f})" if "ppl_sparse" in d else "-")
     return cells
 
 
-def write_report(result, src: str | Path, report_dir: str | Path, cfg) -> Path:
+def quality_lines(result) -> list[str]:
+    """The plain-N:M-vs-result lines (also printed by the CLI when the run evaluated quality)."""
+    q = result.quality
+    if not q:
+        return []
+    cfg = result.config
+    rows = [_drift_cells(f"plain {cfg.pattern} (no permutation)", q["plain"]),
+            _drift_cells(f"{cfg.pattern}, permsparse ({cfg.method})", q["result"])]
+    return [
+        "| model | output cosine | relative error | pooled cosine | perplexity |",
+        "|---|---|---|---|---|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+        f"(held-out data: {q['heldout']['examples']} examples, {q['heldout']['source']})",
+    ]
+
+
+def write_report(result, report_dir: str | Path) -> Path:
     """Write ``report.md`` and its plots into ``report_dir``; returns the Markdown path."""
-    from permsparse.pipeline import optimize
+    from permsparse.ir.save import atomic_write_text
 
     out_dir = Path(report_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = Path(src)
+    cfg = result.config
     retention = weight_retention(result)
     if not retention:
         raise PermsparseError("--report needs masks: it compares plain and permuted N:M (drop --no-mask)")
     plots = _plots(result, out_dir, retention)
-
-    drift_rows = []
-    if cfg.mask:
-        with tempfile.TemporaryDirectory(prefix="permsparse-report-") as tmp:
-            sparse = result.output
-            if sparse is None:
-                sparse = Path(tmp) / "sparse.onnx"
-                from permsparse.onnxio import save_model
-
-                save_model(result.model, sparse)
-            method = _drift(src, sparse, cfg)
-            base_cfg = dataclasses.replace(cfg, method="identity", policy="fold", progress=False)
-            baseline = optimize(src, Path(tmp) / "identity.onnx", base_cfg)
-            plain = _drift(src, baseline.output, cfg)
-        drift_rows = [_drift_rows(f"{cfg.n}:{cfg.m}, identity order", plain), _drift_rows(f"{cfg.n}:{cfg.m}, {cfg.method}", method)]
-
     ident = np.mean([r[1] for r in retention])
     perm = np.mean([r[2] for r in retention])
     eff = [r.efficacy for r in result.unit_reports]
     lines = [
-        f"# permsparse report: {src.name}",
+        f"# permsparse report: {result.output.name if result.output else 'model'}",
         "",
-        f"method `{cfg.method}`, importance `{cfg.importance}`, policy `{cfg.policy}`, pattern {cfg.n}:{cfg.m}, "
+        f"method `{cfg.method}`, importance `{cfg.importance}`, policy `{cfg.policy}`, pattern {cfg.pattern}, "
         f"seed {cfg.seed}",
         "",
         "## Summary",
         "",
         f"- weights pruned: {len(result.selected)} of {len(result.plan.weights)}; permutation units: "
         f"{len(result.unit_reports)}; Gathers added: {len(result.fold.gathers)}",
-        f"- mean importance kept by {cfg.n}:{cfg.m}: identity {ident:.4f} -> permuted {perm:.4f}",
+        f"- mean importance kept by {cfg.pattern}: plain {ident:.4f} -> permuted {perm:.4f}",
         f"- mean efficacy over units: {np.mean(eff):.3f}" if eff else "- no permutation units",
-        f"- fold check: max relative error {result.equivalence.max_rel_error:.2e} (tolerance {result.equivalence.rtol:g})",
+        f"- fold check ({result.equivalence.method}): max relative error {result.equivalence.max_rel_error:.2e} "
+        f"(tolerance {result.equivalence.rtol:g})",
         "- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()),
         "",
+        *(f"_{d}_" for d in DEFINITIONS),
+        "",
     ]
-    if drift_rows:
-        lines += [
-            "## Model-level drift from the dense input (held-out inputs)",
-            "",
-            "| model | output cosine | relative error | pooled cosine | perplexity |",
-            "|---|---|---|---|---|",
-            *("| " + " | ".join(r) + " |" for r in drift_rows),
-            "",
-        ]
+    if result.quality:
+        lines += ["## Model-level drift from the dense input (held-out inputs)", "", *quality_lines(result), ""]
     lines += ["## Retained importance per weight", "", f"![retained]({plots[0]})", ""]
-    lines += ["| weight | identity | permuted |", "|---|---|---|"]
+    lines += ["| weight | plain | permuted |", "|---|---|---|"]
     lines += [f"| `{n}` | {a:.4f} | {b:.4f} |" for n, a, b in retention]
     lines.append("")
     if len(plots) > 1:
         lines += ["## Efficacy per permutation unit", "", f"![efficacy]({plots[1]})", ""]
-        lines += ["| unit | weights | K | block | identity | permuted | bound | efficacy | s |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| unit | weights | K | block | plain | permuted | bound | efficacy | s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in result.unit_reports:
             u = r.unit
             lines.append(
-                f"| `{u.name}` | {len(u.weights)} | {u.k} | {u.block} | {r.retained_identity:.4f} | {r.retained:.4f} "
-                f"| {r.bound:.4f} | {r.efficacy:.3f} | {r.seconds:.2f} |"
+                f"| `{unit_label(result.plan, u)}` | {len(u.weights)} | {u.k} | {u.block} | {r.retained_identity:.4f} "
+                f"| {r.retained:.4f} | {r.bound:.4f} | {r.efficacy:.3f} | {r.seconds:.2f} |"
             )
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")

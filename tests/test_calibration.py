@@ -12,8 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from permsparse.errors import PermsparseError
-from permsparse.optimizer import calibration, data, importance, metrics
-from permsparse.optimizer.calibration import CalibrationConfig, collect_activation_stats
+from types import SimpleNamespace
+
+from permsparse.data import calibration, feeds, kinds, metrics, text
+from permsparse.data.calibration import CalibrationConfig, collect_activation_stats
+from permsparse.optimizer import importance
+
+data = SimpleNamespace(make_feeds=feeds.make_feeds, model_kind=kinds.model_kind, vocab_size=kinds.vocab_size,
+                       builtin_texts=text.builtin_texts, _builtin_corpus=text._builtin_corpus, __file__=text.__file__)
 
 K, H, N = 8, 12, 4
 
@@ -314,7 +320,7 @@ def test_evaluate_drift_runs_both_models(tmp_path: Path):
 
 
 def test_bundled_fallback_when_wiki_package_missing(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "_wiki_json", lambda: None)
+    monkeypatch.setattr(text, "_wiki_json", lambda: None)
     data._builtin_corpus.cache_clear()
     try:
         source, items = data._builtin_corpus()

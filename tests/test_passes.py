@@ -7,11 +7,15 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
+from permsparse.ir.inputs import concrete_shapes as resolve_shapes
+from permsparse.ir.inputs import random_feeds
 from permsparse.passes.analysis import analyze
 from permsparse.passes.fold import apply_fold, plan_units
-from permsparse.passes.probe import probe, random_feeds, resolve_shapes
-from permsparse.passes.sparsify import apply_masks, check_nm, nm_report
+from permsparse.passes.names import name_nodes
+from permsparse.passes.probe import probe
+from permsparse.passes.sparsify import apply_masks, nm_report
 from permsparse.passes.verify import check_equivalent
+from permsparse.pattern import NMPattern, check_nm
 
 from conftest import EXPORTERS, MODELS
 
@@ -22,6 +26,7 @@ def _plan(path):
     model = onnx.load(str(path))
     pr = probe(model, random_feeds(model, resolve_shapes(model)))
     graph = gs.import_onnx(model)
+    name_nodes(graph)
     return model, graph, analyze(graph, pr)
 
 
@@ -144,7 +149,8 @@ def test_masks_are_nm_along_k(exported, pattern):
     model = onnx.load(str(exported("minilm", "legacy")))
     pr = probe(model, random_feeds(model, resolve_shapes(model)))
     graph = gs.import_onnx(model)
-    plan = analyze(graph, pr, n=n, m=m)
+    name_nodes(graph)
+    plan = analyze(graph, pr, pattern=NMPattern(n, m))
     stats = apply_masks(graph, plan, list(plan.weights))
     assert all(abs(s.density - n / m) < 1e-3 for s in stats)
     assert all(nm_report(graph, plan).values())

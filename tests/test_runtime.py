@@ -6,7 +6,6 @@ engines and the torch 2:4 kernels need a CUDA GPU (``gpu`` tests, skipped withou
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import re
@@ -22,10 +21,20 @@ from onnx import TensorProto, helper, numpy_helper
 from permsparse.errors import PermsparseError
 from permsparse.runtime import precision as prec
 from permsparse.runtime.bench import BenchConfig, BenchResult, BenchRow, format_table, plot_result, run_bench
-from permsparse.runtime.commands import add_bench_parser, add_build_parser
-from permsparse.runtime.shapes import InputInfo, ShapeSpec, derive_profiles, parse_shape_arg, parse_shapes
+from permsparse.cli import main as cli_main
+from permsparse.ir.inputs import InputSpec, ShapeSpec, derive_profiles, merge_profile_args, parse_shape_arg, parse_shapes
+from permsparse.ir.weights import WeightInfo, WeightStatus, model_weight_status
+from permsparse.passes.shapes import token_counts
+from permsparse.pattern import check_nm
 from permsparse.runtime.timing import TimingStats, time_callable
-from permsparse.runtime.weights import activation_tokens, is_2to4, prunable_weights
+
+
+def prunable_weights(model: onnx.ModelProto, base_dir: str | None = None) -> list[WeightStatus]:
+    return model_weight_status(model, base_dir)
+
+
+def is_2to4(w_kn: np.ndarray) -> bool:
+    return check_nm(w_kn, 0, 2, 4)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +139,13 @@ def test_parse_shape_arg() -> None:
     assert str(parse_shape_arg("x:1x8,4x128,8x512")) == "x:1x8,4x128,8x512"
     shapes = parse_shapes(["a:1x2 b:3", "c:1,2,3"])
     assert set(shapes) == {"a", "b", "c"}
+    # Polygraphy's bracket syntax and trtexec's per-profile flags give the same specs
+    assert parse_shape_arg("input_ids:[1,128]") == ShapeSpec.fixed("input_ids", (1, 128))
+    assert parse_shape_arg("x:[1,8],[4,128],[8,512]") == parse_shape_arg("x:1x8,4x128,8x512")
+    assert parse_shapes(["a:[1,2] b:[3, 4]"])["b"].opt == (3, 4)
+    prof = merge_profile_args(None, ["ids:1x8,mask:1x8"], ["ids:4x128,mask:4x128"], ["ids:8x512,mask:8x512"])
+    assert prof["mask"] == ShapeSpec("mask", (1, 8), (4, 128), (8, 512))
+    assert merge_profile_args(None, None, ["ids:2x16"], None)["ids"] == ShapeSpec.fixed("ids", (2, 16))
 
 
 @pytest.mark.parametrize(
@@ -143,9 +159,9 @@ def test_parse_shape_errors(bad: str, msg: str) -> None:
 
 
 def test_derive_profiles() -> None:
-    ids = InputInfo("input_ids", ("batch", "sequence"), np.dtype(np.int64))
-    mask = InputInfo("attention_mask", ("batch", "sequence"), np.dtype(np.int64))
-    pix = InputInfo("pixels", (None, 3, 224, 224), np.dtype(np.float32))
+    ids = InputSpec("input_ids", ("batch", "sequence"), np.dtype(np.int64))
+    mask = InputSpec("attention_mask", ("batch", "sequence"), np.dtype(np.int64))
+    pix = InputSpec("pixels", (None, 3, 224, 224), np.dtype(np.float32))
     prof = derive_profiles([ids, mask], parse_shapes(["input_ids:1x8,4x128,8x512"]))
     assert prof["attention_mask"] == ShapeSpec("attention_mask", (1, 8), (4, 128), (8, 512))  # shared dim_params
     prof = derive_profiles([ids, pix])
@@ -157,7 +173,7 @@ def test_derive_profiles() -> None:
     with pytest.raises(PermsparseError, match="unknown input"):
         derive_profiles([pix], parse_shapes(["nope:1"]))
     with pytest.raises(PermsparseError, match="--shapes odd:"):
-        derive_profiles([InputInfo("odd", (1, "foo"), np.dtype(np.float32))])
+        derive_profiles([InputSpec("odd", (1, "foo"), np.dtype(np.float32))])
 
 
 # ------------------------------------------------------------------------------------------- weights / precision
@@ -165,10 +181,10 @@ def test_derive_profiles() -> None:
 
 def test_weights_and_polygraphy(models: dict[str, Path]) -> None:
     dense, sparse = (prunable_weights(onnx.load(str(models[k]))) for k in ("dense", "sparse"))
-    assert len(sparse) == 7 and all(w.is_2to4 for w in sparse) and not any(w.is_2to4 for w in dense)
-    head = [w for w in sparse if w.n == 64][0]
+    assert len(sparse) == 7 and all(w.nm_valid for w in sparse) and not any(w.nm_valid for w in dense)
+    head = [w for w in sparse if w.weight.n == 64][0]
     assert "< 256" in (head.sparse_obstacle() or "")
-    assert [w for w in dense if w.n == 512][0].sparse_obstacle().startswith("weights are not 2:4")
+    assert [w for w in dense if w.weight.n == 512][0].sparse_obstacle().startswith("weights are not 2:4")
     # Gemm transB: K along axis 1.
     w = np.zeros((8, 16), np.float32)
     w[:, ::4] = 1.0
@@ -182,8 +198,8 @@ def test_weights_and_polygraphy(models: dict[str, Path]) -> None:
     text = out.stdout + out.stderr
     assert len(re.findall(r"Found sparse tensor", text)) == 7, text[-2000:]
     assert "Found non-sparse tensor" not in text
-    tokens = activation_tokens(onnx.load(str(models["sparse"])), {"x": (3, 5, 256)})
-    assert {tokens[w.a_input] for w in sparse} == {15}
+    tokens = token_counts(onnx.load(str(models["sparse"])), {"x": (3, 5, 256)})
+    assert {tokens[w.weight.input] for w in sparse} == {15}
 
 
 def test_gemm_transb_weight() -> None:
@@ -196,7 +212,7 @@ def test_gemm_transb_weight() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])], [numpy_helper.from_array(w, "w")],
     )
     (info,) = prunable_weights(helper.make_model(g))
-    assert (info.k, info.n, info.transposed, info.is_2to4) == (512, 256, True, True)
+    assert (info.weight.k, info.weight.n, info.weight.transposed, info.nm_valid) == (512, 256, True, True)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -215,7 +231,7 @@ def test_precision_conversion(models: dict[str, Path], precision: str) -> None:
     ln_inputs = {i for n in m.graph.node if n.op_type == "LayerNormalization" for i in n.input[1:]}
     assert ln_inputs and all(inits[i].data_type == TensorProto.FLOAT for i in ln_inputs if i in inits)
     # Still 2:4 after rounding (zeros stay zero).
-    assert all(w.is_2to4 for w in prunable_weights(m))
+    assert all(w.nm_valid for w in prunable_weights(m))
     if precision == "fp16":
         import onnxruntime as ort
 
@@ -256,14 +272,6 @@ def test_stats_table_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
-def _cli() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="permsparse")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    add_build_parser(sub)
-    add_bench_parser(sub)
-    return ap
-
-
 def test_bench_ort_and_cli(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _sha(models["sparse"])
     res = run_bench(models["sparse"], models["dense"],
@@ -271,10 +279,9 @@ def test_bench_ort_and_cli(models: dict[str, Path], tmp_path: Path, capsys: pyte
     assert res.backend == "ort" and len(res.rows) == 1 and res.rows[0].dense.n == 5
     assert 0.5 < res.correctness["dense_vs_sparse_cosine"] <= 1.0 + 1e-9
     assert (tmp_path / "b.png").is_file() and _sha(models["sparse"]) == before
-    args = _cli().parse_args(["bench", str(models["sparse"]), "--dense", str(models["dense"]), "--iters", "3",
-                              "--warmup", "0", "--shapes", "x:1x4x256", "--plot", str(tmp_path / "c.png"),
-                              "--json", str(tmp_path / "r.json")])
-    assert args.func(args) == 0
+    assert cli_main(["bench", str(models["sparse"]), "--dense", str(models["dense"]), "--iters", "3",
+                     "--warmup", "0", "--shapes", "x:1x4x256", "--plot", str(tmp_path / "c.png"),
+                     "--save-json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "speed-up" in out and (tmp_path / "c.png").is_file() and (tmp_path / "r.json").is_file()
     with pytest.raises(PermsparseError, match="no such file"):
@@ -289,7 +296,6 @@ def test_bench_ort_and_cli(models: dict[str, Path], tmp_path: Path, capsys: pyte
 
 def test_sparsity_log_parsing() -> None:
     from permsparse.runtime.trt import classify_layers, parse_sparsity_log, sparse_tactic_layers
-    from permsparse.runtime.weights import WeightInfo
 
     log = [
         "(Sparsity) Layers eligible for sparse math: /a/MatMul + /a/Add, /b/MatMul, Conv_3",
@@ -297,7 +303,10 @@ def test_sparsity_log_parsing() -> None:
     ]
     eligible, picked = parse_sparsity_log(log)
     assert eligible == ("/a/MatMul + /a/Add", "/b/MatMul", "Conv_3") and picked == ("/a/MatMul + /a/Add",)
-    mk = lambda node, ok, k=512: WeightInfo(node, "w", "MatMul", k, 512, False, ok, 0.5, "float32", "x")  # noqa: E731
+    def mk(node: str, ok: bool, k: int = 512) -> WeightStatus:
+        w = WeightInfo(node, "MatMul", "w", (k, 512), 0, k, 512, "x", "y", (), "float32", node)
+        return WeightStatus(w, ok, 0.5)
+
     weights = [mk("/a/MatMul", True), mk("/b/MatMul", True), mk("/c/MatMul", False), mk("/d/MatMul", True, 64)]
     st = {w.node: w.status for w in classify_layers(weights, eligible, picked, set(), True)}
     assert st == {"/a/MatMul": "sparse", "/b/MatMul": "dense-faster", "/c/MatMul": "not-eligible",
@@ -319,9 +328,10 @@ def test_no_tensorrt_message(monkeypatch: pytest.MonkeyPatch, models: dict[str, 
         return real(name, *a)
 
     monkeypatch.setattr(trt_mod.importlib, "import_module", fake)
-    args = _cli().parse_args(["build", str(models["sparse"]), "-o", str(tmp_path / "e.plan")])
+    from permsparse.runtime.trt import build_engine
+
     with pytest.raises(PermsparseError, match="neither `tensorrt` nor `tensorrt_rtx` is installed"):
-        args.func(args)
+        build_engine(models["sparse"], tmp_path / "e.plan")
     assert not (tmp_path / "e.plan").exists()
 
 
@@ -365,20 +375,18 @@ def test_build_sparse_engine(models: dict[str, Path], tmp_path: Path, precision:
 @pytest.mark.tensorrt
 @needs_trt
 def test_build_dense_cli_and_errors(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = _cli().parse_args(["build", str(models["dense"]), "-o", str(tmp_path / "d.plan"), "--no-sparse",
-                              "--timing-cache", str(tmp_path / "tc.bin")])
-    assert args.func(args) == 0
+    assert cli_main(["build", str(models["dense"]), "-o", str(tmp_path / "d.plan"), "--no-sparse",
+                     "--timing-cache", str(tmp_path / "tc.bin")]) == 0
     out = capsys.readouterr().out
     assert "sparse weights flag: off" in out and "x:1x1x256,1x128x256,32x512x256" in out  # derived profile
     assert (tmp_path / "d.plan").stat().st_size > 10_000
-    args = _cli().parse_args(["build", str(models["dense"]), "-o", str(tmp_path / "d2.plan")])
-    assert args.func(args) == 0
+    assert cli_main(["build", str(models["dense"]), "-o", str(tmp_path / "d2.plan"), "--sparsity", "enable"]) == 0
     assert "weights are not 2:4" in capsys.readouterr().out
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx model")
     from permsparse.runtime.trt import BuildConfig, build_engine
 
-    with pytest.raises(PermsparseError, match="cannot read ONNX"):
+    with pytest.raises(PermsparseError, match="cannot be read as ONNX"):
         build_engine(bad, tmp_path / "bad.plan")
     # A model TensorRT cannot parse: an unknown-domain op.
     g = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")], "g",

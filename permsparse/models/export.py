@@ -25,14 +25,13 @@ import onnx
 import torch
 from torch import nn
 
+from permsparse.config import EXPORTERS, MODEL_NAMES
 from permsparse.errors import PermsparseError
 
 logger = logging.getLogger(__name__)
 
 #: Models whose weights exceed this many bytes are saved with ONNX external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = int(1.8e9)
-EXPORTERS = ("dynamo", "legacy")
-MODEL_NAMES = ("minilm", "vit", "llama", "hf")
 
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "onnxscript", "onnx_ir")
 

@@ -27,11 +27,24 @@ TASKS = ("auto", "encoder", "causal-lm", "vision")
 _VISION_TYPES = {"vit", "deit", "beit", "dinov2", "vit_mae", "vit_msn", "swin", "convnext", "dpt", "siglip_vision_model"}
 
 
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Hugging Face offline mode for the duration of the block only (the process environment is restored)."""
+    keys = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def import_transformers() -> Any:
-    """Import ``transformers`` in offline mode, or raise a :class:`PermsparseError` saying what to install."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    """Import ``transformers``, or raise a :class:`PermsparseError` saying what to install."""
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -49,7 +62,8 @@ def quiet_transformers() -> Iterator[None]:
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with offline():
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -183,7 +197,8 @@ def load_hf_checkpoint(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
+        with quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
     except Exception as exc:
         raise PermsparseError(f"cannot read the Hugging Face config in {path}: {exc}") from exc
     resolved = _resolve_task(config, task)

@@ -24,8 +24,8 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from permsparse.ir.graph import const_index
 from permsparse.passes.analysis import Closure, Plan
-from permsparse.passes.graph import const_index
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def _global_obstacle(c: Closure) -> str | None:
     for b in c.boundaries:
         if b.side == "constant":
             return f"a constant of it cannot be permuted: {b.reason}"
-        if _uniform_blocks(c.labels[b.item[1]]) is None:
-            return f"boundary tensor {b.item[1]!r} has a per-head channel structure a Gather cannot undo"
+        if _uniform_blocks(c.labels[b.tensor]) is None:
+            return f"boundary tensor {b.tensor!r} has a per-head channel structure a Gather cannot undo"
     return None
 
 
@@ -179,8 +179,8 @@ def _gather(graph: gs.Graph, x: gs.Variable, idx: np.ndarray, node_name: str, ou
 
 def boundary_tensors(closure: Closure) -> tuple[list[str], list[str]]:
     """Tensors needing a Gather under policy global: (entering unpermuted, leaving permuted)."""
-    entering = sorted({b.item[1] for b in closure.boundaries if b.side == "producer"})
-    leaving = sorted({b.item[1] for b in closure.boundaries if b.side == "consumer"} - set(entering))
+    entering = sorted({b.tensor for b in closure.boundaries if b.side == "producer" and b.tensor})
+    leaving = sorted({b.tensor for b in closure.boundaries if b.side == "consumer" and b.tensor} - set(entering))
     return entering, leaving
 
 

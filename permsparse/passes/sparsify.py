@@ -2,12 +2,13 @@
 
 Rewrite. For every selected weight ``W`` (stored as ``[K, N]``, or ``[N, K]`` for Gemm ``transB=1`` or a transposed
 constant), in every column and every group of ``m`` consecutive rows along K, keep the ``n`` entries of largest
-importance and set the others to zero. Importance is any non-negative array of the weight's ``[K, N]`` shape
-(magnitude by default; Wanda and RIA come from calibration).
+importance and set the others to zero (or, with reconstruction, store the reconstructed values, which already have
+the N:M zeros). Importance is any non-negative array of the weight's ``[K, N]`` shape (magnitude by default; Wanda,
+RIA and OBS scores come from calibration). Values keep the stored dtype (fp32, fp16, bf16).
 
-Invariant. Afterwards every column has at most ``n`` non-zeros in each aligned group of ``m`` along K, which is what
-sparse tensor cores (and TensorRT's sparse tactics) require; :func:`check_nm` verifies it independently of the mask
-code.
+Postcondition (checked on every weight): every column has at most ``n`` non-zeros in each aligned group of ``m``
+along K, which is what sparse tensor cores need; :func:`permsparse.pattern.check_nm` verifies it independently of
+the mask code.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from permsparse.optimizer.base import nm_keep_mask
-from permsparse.passes.analysis import Plan, WeightInfo
-from permsparse.passes.graph import const_index
+from permsparse.ir.graph import const_index
+from permsparse.ir.weights import WeightInfo
+from permsparse.passes.analysis import Plan
+from permsparse.pattern import NMPattern, check_nm, nm_keep_mask
 
 log = logging.getLogger(__name__)
 
@@ -42,34 +44,38 @@ class MaskStats:
 
 def k_major(w: WeightInfo, stored: np.ndarray) -> np.ndarray:
     """View of a stored weight as ``[K, N]``."""
-    return stored if w.k_axis == 0 else stored.T
+    return w.k_major(stored)
 
 
 def mask_weight(
-    w: WeightInfo, stored: np.ndarray, importance: np.ndarray | None, n: int, m: int,
-    row_order: np.ndarray | None = None,
+    w: WeightInfo, stored: np.ndarray, importance: np.ndarray | None, pattern: NMPattern,
+    row_order: np.ndarray | None = None, replacement: np.ndarray | None = None,
 ) -> tuple[np.ndarray, MaskStats]:
     """N:M-mask one stored weight by ``importance`` (``[K, N]``, default |W|); returns (masked stored, stats).
 
     ``row_order`` (``new[i] = old[row_order[i]]``, from the fold) lets the stats also say what plain N:M would keep.
+    ``replacement`` (``[K, N]``, same order as ``stored``): reconstructed values; they are stored where the mask keeps.
     """
+    n, m = pattern.n, pattern.m
     wk = k_major(w, stored)
-    imp = np.abs(wk).astype(np.float64) if importance is None else importance
+    w32 = np.asarray(wk, dtype=np.float32)
+    imp = np.abs(w32).astype(np.float64) if importance is None else np.asarray(importance, dtype=np.float64)
     keep = nm_keep_mask(imp, n, m)
-    masked = np.where(keep, wk, np.zeros((), dtype=wk.dtype))
+    source = wk if replacement is None else np.asarray(replacement).astype(wk.dtype)
+    masked = np.where(keep, source, np.zeros((), dtype=wk.dtype))
     total_imp = float(imp.sum()) or 1.0
-    total_mag = float(np.abs(wk).sum()) or 1.0
+    total_mag = float(np.abs(w32).sum()) or 1.0
     if row_order is None:
         ident = float(imp[keep].sum()) / total_imp
     else:
         orig = imp[np.argsort(row_order)]
         ident = float(orig[nm_keep_mask(orig, n, m)].sum()) / total_imp
-    stored_masked = masked if w.k_axis == 0 else masked.T
+    stored_masked = w.stored(masked)
     stats = MaskStats(
         weight=w.name,
         kept_share=float(imp[keep].sum()) / total_imp,
         kept_share_identity=ident,
-        kept_magnitude=float(np.abs(wk)[keep].sum()) / total_mag,
+        kept_magnitude=float(np.abs(w32)[keep].sum()) / total_mag,
         density=float(np.count_nonzero(masked)) / masked.size,
         valid=check_nm(stored_masked, w.k_axis, n, m),
     )
@@ -82,6 +88,7 @@ def apply_masks(
     weights: list[str],
     importance: ImportanceFn | None = None,
     row_orders: Mapping[str, np.ndarray] | None = None,
+    replacements: Mapping[str, np.ndarray] | None = None,
 ) -> list[MaskStats]:
     """Mask ``weights`` (names from ``plan``) in place with N:M along K. ``importance(w, W[K, N]) -> [K, N]``."""
     consts = const_index(graph)
@@ -91,23 +98,20 @@ def apply_masks(
         ref = consts[w.const]
         stored = ref.values
         imp = None if importance is None else importance(w, k_major(w, stored))
-        masked, st = mask_weight(w, stored, imp, plan.n, plan.m, (row_orders or {}).get(name))
+        masked, st = mask_weight(w, stored, imp, plan.pattern, (row_orders or {}).get(name),
+                                 (replacements or {}).get(name))
         ref.set_values(masked)
         stats.append(st)
+    bad = [st.weight for st in stats if not st.valid]
+    if bad:
+        raise AssertionError(f"sparsify: {len(bad)} weights are not {plan.pattern} after masking (e.g. {bad[0]})")
     return stats
-
-
-def check_nm(values: np.ndarray, k_axis: int, n: int, m: int) -> bool:
-    """True if every column has at most ``n`` non-zeros in each aligned group of ``m`` along ``k_axis``."""
-    wk = np.moveaxis(np.asarray(values), k_axis, 0)
-    k = wk.shape[0]
-    if k % m:
-        return False
-    counts = np.count_nonzero(wk.reshape(k // m, m, -1), axis=1)
-    return bool((counts <= n).all())
 
 
 def nm_report(graph: gs.Graph, plan: Plan) -> Mapping[str, bool]:
     """N:M validity of every weight in ``plan``, read from ``graph``."""
     consts = const_index(graph)
     return {name: check_nm(consts[w.const].values, w.k_axis, plan.n, plan.m) for name, w in plan.weights.items()}
+
+
+__all__ = ["MaskStats", "mask_weight", "apply_masks", "nm_report", "k_major", "check_nm"]

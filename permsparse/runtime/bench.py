@@ -23,13 +23,16 @@ import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError
-from permsparse.runtime._io import atomic_write_bytes, atomic_write_text, check_onnx_path, load_graph
-from permsparse.runtime.shapes import InputInfo, ShapeSpec, derive_profiles, model_inputs
+from permsparse.config import BACKENDS
+from permsparse.ir.compare import agreement
+from permsparse.ir.inputs import InputSpec, ShapeSpec, derive_profiles, graph_inputs, random_feeds
+from permsparse.ir.model import load_model
+from permsparse.ir.save import atomic_write_bytes, atomic_write_text
+from permsparse.ir.session import Session
 from permsparse.runtime.timing import TimingStats, auto_inner, time_callable
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("ort", "torch", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -167,84 +170,31 @@ def plot_result(result: BenchResult, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def make_inputs(inputs: list[InputInfo], shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto | None = None,
-                seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds: floats ~ N(0, 1); masks ones; position ids arange; other ints in [0, vocab) (vocab from a Gather)."""
-    rng = np.random.default_rng(seed)
-    vocab = _gather_vocab(model) if model is not None else {}
-    out = {}
-    for inp in inputs:
-        shape = tuple(shapes[inp.name])
-        if np.issubdtype(inp.dtype, np.floating):
-            out[inp.name] = rng.standard_normal(shape).astype(inp.dtype)
-        elif inp.dtype == np.bool_:
-            out[inp.name] = np.ones(shape, dtype=np.bool_)
-        elif "mask" in inp.name.lower():
-            out[inp.name] = np.ones(shape, dtype=inp.dtype)
-        elif "position" in inp.name.lower() and shape:
-            out[inp.name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(inp.dtype).copy()
-        else:
-            hi = max(1, min(vocab.get(inp.name, 1000), 1000))
-            out[inp.name] = rng.integers(0, hi, size=shape).astype(inp.dtype)
-    return out
-
-
-def _gather_vocab(model: onnx.ModelProto) -> dict[str, int]:
-    dims = {i.name: list(i.dims) for i in model.graph.initializer}
-    out: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.input[0] in dims and dims[node.input[0]]:
-            out[node.input[1]] = min(out.get(node.input[1], 1 << 30), int(dims[node.input[0]][0]))
-    return out
-
-
-def compare_outputs(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
-    """max |a−b| / max|a| and cosine similarity over all float outputs."""
-    a = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in ref]) if ref else np.zeros(1)
-    b = np.concatenate([np.asarray(g, dtype=np.float64).ravel() for g in got]) if got else np.zeros(1)
-    scale = max(float(np.abs(a).max()), 1e-12)
-    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-    return {"max_rel_diff": float(np.abs(a - b).max()) / scale, "cosine": cos}
-
-
-def _opt_shapes(path: Path, config: BenchConfig) -> tuple[onnx.ModelProto, list[InputInfo], dict[str, ShapeSpec]]:
-    model = load_graph(path)
-    inputs = model_inputs(model)
+def _opt_shapes(path: Path, config: BenchConfig) -> tuple[onnx.ModelProto, list[InputSpec], dict[str, ShapeSpec]]:
+    model = load_model(path, check=False)
+    inputs = graph_inputs(model)
     return model, inputs, derive_profiles(inputs, config.shapes)
 
 
 # --------------------------------------------------------------------------------------------------- ort backend
 
 
-def ort_session(path: Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise PermsparseError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from exc
-
-
 def _bench_ort(sparse_path: Path, dense_path: Path, config: BenchConfig, iters: int, warmup: int) -> BenchResult:
     model, inputs, profiles = _opt_shapes(sparse_path, config)
-    feeds = make_inputs(inputs, {k: v.opt for k, v in profiles.items()}, model, config.seed or 0)
+    feeds = random_feeds(model, {k: v.opt for k, v in profiles.items()}, seed=config.seed or 0)
     rows, outs = [], {}
     stats = {}
     for tag, path in (("dense", dense_path), ("sparse", sparse_path)):
-        sess = ort_session(path, config.threads)
-        names = {i.name for i in sess.get_inputs()}
-        missing = names - set(feeds)
+        sess = Session(path, threads=config.threads, optimize=True)
+        missing = set(sess.input_names) - set(feeds)
         if missing:
             raise PermsparseError(f"{path}: inputs {sorted(missing)} differ from the sparse model's; bench needs the same inputs")
-        f = {k: v for k, v in feeds.items() if k in names}
-        outs[tag] = sess.run(None, f)
-        stats[tag] = time_callable(lambda s=sess, f=f: s.run(None, f), iters=iters, warmup=warmup)
+        f = {k: v for k, v in feeds.items() if k in sess.input_names}
+        outs[tag] = list(sess.run(f).values())
+        raw = sess.session
+        stats[tag] = time_callable(lambda s=raw, f=f: s.run(None, f), iters=iters, warmup=warmup)
     rows.append(BenchRow(sparse_path.stem, stats["dense"], stats["sparse"]))
-    check = compare_outputs(outs["dense"], outs["sparse"])
+    check = agreement(outs["dense"], outs["sparse"])
     notes = ["onnxruntime CPU has no 2:4 kernels: expect ≈1.0×; the output check is dense vs sparse drift"]
     return BenchResult("ort", _cpu_name(), "as stored", tuple(profiles.values()), tuple(rows), tuple(notes),
                        {"dense_vs_sparse_" + k: v for k, v in check.items()})
@@ -276,30 +226,34 @@ def _bench_torch(sparse_path: Path, dense_path: Path, config: BenchConfig, iters
     _require_cuda("torch")
     from permsparse.runtime.torch_sparse import env_info, time_linear
     from permsparse.runtime.torch_sparse import LinearShape
-    from permsparse.runtime.weights import activation_tokens, iter_weights
+    from permsparse.ir.graph import const_index, import_graph
+    from permsparse.ir.weights import find_weights, weight_status
+    from permsparse.passes.shapes import token_counts
 
     precision = config.precision or "fp16"
     if precision not in ("fp16", "bf16"):
         raise PermsparseError("the torch backend times fp16 or bf16 (2:4 kernels have no fp32 path); use --precision fp16")
     method = config.sparse_method or "semi"
     model, inputs, profiles = _opt_shapes(sparse_path, config)
-    full = load_graph(sparse_path, with_weights=True)
-    tokens = activation_tokens(model, {k: v.opt for k, v in profiles.items()})
-    dense_model = load_graph(dense_path, with_weights=True)
-    dense_shapes = Counter((i.k, i.n) for i, _ in iter_weights(dense_model, str(dense_path.parent)))
+    tokens = token_counts(model, {k: v.opt for k, v in profiles.items()})
+    dense_graph = import_graph(load_model(dense_path, check=False), dense_path.parent)
+    dense_shapes = Counter((w.k, w.n) for w in find_weights(dense_graph))
+    graph = import_graph(model, sparse_path.parent)
+    consts = const_index(graph)
     groups: dict[tuple[int, int, int, bool], list[np.ndarray]] = {}
     counts: Counter[tuple[int, int, int, bool]] = Counter()
     notes: list[str] = []
     unknown = 0
-    for info, w_kn in iter_weights(full, str(sparse_path.parent), with_arrays=True):
-        t = tokens.get(info.a_input)
+    for info in find_weights(graph):
+        t = tokens.get(info.input)
         if t is None:
             unknown += 1
             continue
-        key = (t, info.k, info.n, info.is_2to4)
+        stored = consts[info.const].values
+        key = (t, info.k, info.n, weight_status(info, stored).nm_valid)
         counts[key] += 1
         if key not in groups:
-            groups[key] = [w_kn]
+            groups[key] = [np.ascontiguousarray(info.k_major(np.asarray(stored, dtype=np.float32)))]
     if unknown:
         notes.append(f"{unknown} MatMul(s) skipped: their token count could not be inferred at these shapes")
     if not counts:
@@ -412,7 +366,7 @@ def _bench_tensorrt(sparse_path: Path, dense_path: Path, config: BenchConfig, it
     if onnx_for_shapes.suffix != ".onnx":
         raise PermsparseError("give at least one ONNX model so input shapes and feeds can be derived")
     model, inputs, profiles = _opt_shapes(onnx_for_shapes, config)
-    feeds = make_inputs(inputs, {k: v.opt for k, v in profiles.items()}, model, config.seed or 0)
+    feeds = random_feeds(model, {k: v.opt for k, v in profiles.items()}, seed=config.seed or 0)
     stats, outs = {}, {}
     with tempfile.TemporaryDirectory(prefix="permsparse-bench-") as tmp:
         for tag, path in (("dense", dense_path), ("sparse", sparse_path)):
@@ -423,8 +377,9 @@ def _bench_tensorrt(sparse_path: Path, dense_path: Path, config: BenchConfig, it
                 stats[tag] = time_callable(runner, iters=iters, warmup=warmup, cuda=True, stream=runner.stream, inner=inner)
     check = {}
     if sparse_path.suffix == ".onnx":
-        ref = ort_session(sparse_path, config.threads).run(None, {i.name: feeds[i.name] for i in inputs})
-        check = {"sparse_engine_vs_ort_" + k: v for k, v in compare_outputs(ref, outs["sparse"]).items()}
+        with Session(sparse_path, threads=config.threads) as sess:
+            ref = list(sess.run(feeds).values())
+        check = {"sparse_engine_vs_ort_" + k: v for k, v in agreement(ref, outs["sparse"]).items()}
     from permsparse.runtime.torch_sparse import env_info
 
     env = env_info()
@@ -449,8 +404,8 @@ def run_bench(
         if not p.is_file():
             raise PermsparseError(f"{p}: no such file (check the path)")
     if backend != "tensorrt":
-        check_onnx_path(sparse_path)
-        check_onnx_path(dense_path)
+        load_model(sparse_path, check=False)
+        load_model(dense_path, check=False)
     iters = 50 if config.iters is None else config.iters
     warmup = 10 if config.warmup is None else config.warmup
     if iters < 1 or warmup < 0:

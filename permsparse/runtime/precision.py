@@ -18,11 +18,12 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from permsparse.errors import PermsparseError
-from permsparse.runtime._io import load_graph, save_model
+from permsparse.config import PRECISIONS
+from permsparse.ir.model import load_model
+from permsparse.ir.save import save_model
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 
 # Ops whose fp16 arithmetic loses too much (normalization statistics, sums of squares, exponentials' normalizer).
 DEFAULT_KEEP_FP32_OPS: tuple[str, ...] = (
@@ -236,6 +237,6 @@ def convert_precision(
     in_path, out_path = Path(in_path), Path(out_path)
     if in_path.resolve() == out_path.resolve():
         raise PermsparseError(f"{out_path}: refusing to overwrite the input model; choose another output path")
-    model = load_graph(in_path, with_weights=True)
+    model = load_model(in_path, lazy=False, check=False)
     converted = convert_model(model, precision, keep_fp32_ops=keep_fp32_ops, keep_io_types=keep_io_types)
     return save_model(converted, out_path)

@@ -22,7 +22,7 @@ from permsparse.runtime.timing import TimingStats, auto_inner, time_callable
 
 logger = logging.getLogger(__name__)
 
-SPARSE_METHODS: tuple[str, ...] = ("semi", "cutlass", "cusparselt", "cslt")
+from permsparse.config import SPARSE_METHODS  # noqa: E402  (the registry lives with the CLI options)
 DTYPES: tuple[str, ...] = ("fp16", "bf16")
 
 

@@ -26,10 +26,12 @@ from types import ModuleType
 from typing import Any
 
 from permsparse.errors import PermsparseError
-from permsparse.runtime._io import atomic_write_bytes, check_onnx_path, load_graph
-from permsparse.runtime.precision import PRECISIONS, convert_precision, model_float_type
-from permsparse.runtime.shapes import ShapeSpec, derive_profiles, format_profiles, model_inputs
-from permsparse.runtime.weights import MIN_SPARSE_CHANNELS, WeightInfo, prunable_weights
+from permsparse.config import PRECISIONS
+from permsparse.ir.inputs import ShapeSpec, derive_profiles, format_profiles, graph_inputs
+from permsparse.ir.model import load_model
+from permsparse.ir.save import atomic_write_bytes
+from permsparse.ir.weights import MIN_SPARSE_CHANNELS, WeightStatus, model_weight_status
+from permsparse.runtime.precision import convert_precision, model_float_type
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +248,7 @@ def sparse_tactic_layers(layer_lines: list[str]) -> set[str]:
 
 
 def classify_layers(
-    weights: list[WeightInfo],
+    weights: list[WeightStatus],
     eligible: tuple[str, ...] | None,
     picked: tuple[str, ...] | None,
     sparse_tactics: set[str],
@@ -255,13 +257,14 @@ def classify_layers(
 ) -> tuple[LayerSparsity, ...]:
     eligible_names, picked_names = _onnx_names(eligible), _onnx_names(picked)
     out = []
-    for w in weights:
-        obstacle = w.sparse_obstacle(min_channels)
+    for st in weights:
+        w = st.weight
+        obstacle = st.sparse_obstacle(min_channels)
         if not sparse_flag:
             status, reason = "dense", "built with --no-sparse"
-        elif w.node in picked_names or w.node in sparse_tactics:
+        elif w.name in picked_names or w.name in sparse_tactics:
             status, reason = "sparse", "TensorRT picked a sparse tactic"
-        elif picked is not None and w.node in eligible_names:
+        elif picked is not None and w.name in eligible_names:
             status, reason = "dense-faster", "eligible, but a dense tactic timed faster" + (
                 f" ({obstacle})" if obstacle else ""
             )
@@ -272,7 +275,7 @@ def classify_layers(
             status, reason = "candidate", "2:4 and large enough; kernel chosen at run time on the GPU"
         else:
             status, reason = "dense", obstacle
-        out.append(LayerSparsity(w.node, w.k, w.n, w.is_2to4, status, reason))
+        out.append(LayerSparsity(w.name, w.k, w.n, st.nm_valid, status, reason))
     return tuple(out)
 
 
@@ -281,18 +284,20 @@ def build_engine(
 ) -> BuildReport:
     """Parse ``onnx_path``, build a (sparse) engine, write it atomically to ``out_path`` and report sparsity."""
     config = config or BuildConfig()
-    onnx_path = check_onnx_path(onnx_path)
+    onnx_path = Path(onnx_path)
+    model = load_model(onnx_path)
     out_path = Path(out_path)
-    if out_path.resolve() == onnx_path.resolve():
-        raise PermsparseError(f"{out_path}: the engine would overwrite the ONNX model; choose another -o path")
+    from permsparse.ir.model import model_files
+
+    if out_path.resolve() in model_files(onnx_path, model):
+        raise PermsparseError(f"{out_path}: the engine would overwrite the ONNX model or its data; choose another -o")
     precision = config.precision or "fp32"
     if precision not in PRECISIONS:
         raise PermsparseError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     sparse = True if config.sparse is None else config.sparse
     min_channels = config.min_channels or MIN_SPARSE_CHANNELS
     trt = import_tensorrt(config.module)
-    model = load_graph(onnx_path)
-    profiles = derive_profiles(model_inputs(model), config.shapes)
+    profiles = derive_profiles(graph_inputs(model), config.shapes)
     notes: list[str] = []
 
     mode = config.precision_mode or "auto"
@@ -337,14 +342,14 @@ def build_engine(
     tactic_sparse = sparse_tactic_layers(trt_logger.layer_lines)
     if not tactic_sparse and trt_logger.layer_lines is not None:
         tactic_sparse |= _inspect_engine(trt, data, trt_logger)
-    weights = prunable_weights(load_graph(onnx_path, with_weights=True), str(onnx_path.parent))
+    weights = model_weight_status(model, onnx_path.parent)
     layers = classify_layers(weights, eligible, picked, tactic_sparse, sparse, min_channels)
     if trt.__name__ == "tensorrt_rtx" and picked is None:
         notes.append(
             "TensorRT-RTX selects GEMM kernels just in time on the GPU: whether a candidate runs sparse is decided "
             "there, not in this build"
         )
-    if sparse and not any(w.is_2to4 for w in weights):
+    if sparse and not any(w.nm_valid for w in weights):
         notes.append("no weight is 2:4 along K: run `permsparse optimize` first, or check with `permsparse inspect`")
     if config.timing_cache and trt.__name__ == "tensorrt_rtx":
         notes.append("timing caches are a no-op in TensorRT-RTX")

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError
+from permsparse.ir.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ class CalibrationConfig:
 
     Attributes:
         samples: most examples (rows of the feeds' batch axis) to run; default 128. Feeds beyond it are not run.
-        batch_size: examples per batch, for feed builders (:func:`permsparse.optimizer.data.make_feeds`); default 8.
+        batch_size: examples per batch, for feed builders (:func:`permsparse.data.feeds.make_feeds`); default 8.
         seq_len: tokens per text example, for feed builders; default 128.
         max_rows: size of each tensor's reservoir sample of activation rows; default 512; 0 keeps no sample.
         seed: seed of the reservoir sampling (and of feed builders that sample); default 0.
@@ -161,81 +160,6 @@ class _Accumulator:
         return ActivationStats(self.name, self.sum_sq.copy(), self.count, sample)
 
 
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    def tensors() -> Iterable[onnx.TensorProto]:
-        yield from model.graph.initializer
-        for node in model.graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors())
-
-
-def _add_outputs(model: onnx.ModelProto, names: list[str]) -> None:
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            # A name-only ValueInfo is enough: onnxruntime infers the type.
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-
-
-def _session_options(external_dir: str | None = None):  # noqa: ANN202
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if external_dir is not None:
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", external_dir)
-    return so
-
-
-def open_session(model: onnx.ModelProto | str | os.PathLike, extra_outputs: list[str] | None = None, tmp_dir: str | None = None):  # noqa: ANN201
-    """An onnxruntime CPU session of ``model`` with ``extra_outputs`` added as graph outputs.
-
-    ``model`` is never modified: a path is loaded without its external data (weights stay on disk and onnxruntime reads
-    them from the model's folder); a ``ModelProto`` is copied. A copy too big for one protobuf is saved with external
-    data under ``tmp_dir`` (which must outlive the session) and loaded from there.
-    """
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    extra = list(extra_outputs or [])
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise PermsparseError(f"model file {str(path)!r} does not exist")
-        if not extra:
-            return ort.InferenceSession(str(path), _session_options(), providers=providers)
-        proto = onnx.load(str(path), load_external_data=False)
-        base_dir: str | None = str(path.resolve().parent)
-    else:
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model)
-        base_dir = None
-    _add_outputs(proto, extra)
-    external = _has_external_data(proto)
-    if external and base_dir is None:
-        raise PermsparseError(
-            "the model object references external data but its folder is unknown; pass the model's file path instead "
-            "(or load it with onnx.load(path) so the weights are in memory)"
-        )
-    if external:
-        try:
-            return ort.InferenceSession(proto.SerializeToString(), _session_options(base_dir), providers=providers)
-        except Exception as exc:  # older onnxruntime without the external-folder option: copy the weights
-            logger.info("loading external data from bytes failed (%s); saving a copy with external data", exc)
-            onnx.load_external_data_for_model(proto, base_dir)
-    if proto.ByteSize() < _PROTO_LIMIT:
-        return ort.InferenceSession(proto.SerializeToString(), _session_options(), providers=providers)
-    if tmp_dir is None:
-        raise AssertionError("tmp_dir is needed for models over 2 GB")
-    copy_path = os.path.join(tmp_dir, "model.onnx")
-    onnx.save(proto, copy_path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
-    del proto
-    return ort.InferenceSession(copy_path, _session_options(), providers=providers)
-
-
 def _graph_names(model: onnx.ModelProto) -> tuple[set[str], set[str], set[str]]:
     inits = {t.name for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input if i.name not in inits}
@@ -308,40 +232,39 @@ def collect_activation_stats(
     rng = np.random.default_rng(cfg.seed)
     acc = {n: _Accumulator(n, cfg.max_rows, rng) for n in names}
     total_examples = 0
-    with tempfile.TemporaryDirectory(prefix="permsparse-calib-") as tmp:
-        session = open_session(model, from_outputs, tmp) if from_outputs else None
-        session_inputs = [i.name for i in session.get_inputs()] if session is not None else input_order
-        bar = tqdm(desc="calibration", unit="ex", total=cfg.samples, disable=(None if cfg.progress is None else not cfg.progress))
-        try:
-            for feed in feeds:
-                if total_examples >= cfg.samples:
-                    break
-                b = _batch_size(feed)
-                take = min(b, cfg.samples - total_examples)
-                if take < b:
-                    feed = {k: (np.asarray(v)[:take] if np.asarray(v).ndim >= 1 else v) for k, v in feed.items()}
-                absent = [n for n in session_inputs if n not in feed]
-                if absent:
-                    raise PermsparseError(
-                        f"calibration feed lacks model inputs {absent}; build feeds with permsparse.optimizer.data.make_feeds"
-                    )
-                mask = None
-                if cfg.mask_padding and "attention_mask" in feed:
-                    m = np.asarray(feed["attention_mask"])
-                    mask = m if m.ndim == 2 else None
-                values: dict[str, np.ndarray] = {n: np.asarray(feed[n]) for n in from_inputs}
-                if session is not None:
-                    run_feed = {n: np.asarray(feed[n]) for n in session_inputs}
-                    outs = session.run(from_outputs, run_feed)
-                    values.update(zip(from_outputs, outs))
-                for n in names:
-                    acc[n].add(_rows(n, values[n], mask))
-                del values
-                total_examples += take
-                bar.update(take)
-        finally:
-            bar.close()
-            del session
+    session = Session(model, from_outputs) if from_outputs else None
+    session_inputs = session.input_names if session is not None else input_order
+    bar = tqdm(desc="calibration", unit="ex", total=cfg.samples, disable=(None if cfg.progress is None else not cfg.progress))
+    try:
+        for feed in feeds:
+            if total_examples >= cfg.samples:
+                break
+            b = _batch_size(feed)
+            take = min(b, cfg.samples - total_examples)
+            if take < b:
+                feed = {k: (np.asarray(v)[:take] if np.asarray(v).ndim >= 1 else v) for k, v in feed.items()}
+            absent = [n for n in session_inputs if n not in feed]
+            if absent:
+                raise PermsparseError(
+                    f"calibration feed lacks model inputs {absent}; build feeds with permsparse.data.feeds.make_feeds"
+                )
+            mask = None
+            if cfg.mask_padding and "attention_mask" in feed:
+                m = np.asarray(feed["attention_mask"])
+                mask = m if m.ndim == 2 else None
+            values: dict[str, np.ndarray] = {n: np.asarray(feed[n]) for n in from_inputs}
+            if session is not None:
+                run_feed = {n: np.asarray(feed[n]) for n in session_inputs}
+                values.update(session.run(run_feed, from_outputs))
+            for n in names:
+                acc[n].add(_rows(n, values[n], mask))
+            del values
+            total_examples += take
+            bar.update(take)
+    finally:
+        bar.close()
+        if session is not None:
+            session.close()
     if total_examples == 0:
         raise PermsparseError("calibration got no data: the feeds were empty; give a non-empty --calib source")
     logger.info("calibration: %d examples, %d tensors, %d tokens", total_examples, len(names), acc[names[0]].count)

@@ -1,4 +1,8 @@
-"""Small helpers over an onnx-graphsurgeon graph: constants (initializers and Constant nodes) and weight chains."""
+"""The graph-editing view of a model (onnx-graphsurgeon): constants, lazily read weights, weight chains.
+
+Weights kept in external data stay on disk: :func:`import_graph` wraps them in :class:`ExternalValues`, which maps
+the data file read-only on each access, so passes can touch one weight at a time on a model bigger than memory.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from permsparse.onnxio import uses_external_data
+from permsparse.ir.external import read_external, uses_external_data
 
 #: Ops a weight may be read through on its way to MatMul's B input. Each must keep the matrix's axes identifiable.
 WEIGHT_CHAIN_OPS = ("Transpose", "Cast", "Identity")
@@ -57,26 +61,7 @@ class ExternalValues(LazyValues):
         super().__init__(proto)
 
     def load(self) -> np.ndarray:
-        return read_external(self.tensor, "")
-
-
-def external_info(tensor: TensorProto) -> tuple[str, int, int | None]:
-    """(location, offset, length) of an externally stored tensor."""
-    entries = {e.key: e.value for e in tensor.external_data}
-    length = entries.get("length")
-    return entries["location"], int(entries.get("offset", 0) or 0), (int(length) if length else None)
-
-
-def read_external(tensor: TensorProto, base_dir: str | os.PathLike[str]) -> np.ndarray:
-    """Read an externally stored tensor from its data file (no memory mapping, no caching)."""
-    location, offset, _ = external_info(tensor)
-    path = location if os.path.isabs(location) else os.path.join(base_dir, location)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    with open(path, "rb") as f:
-        f.seek(offset)
-        arr = np.fromfile(f, dtype=dtype, count=count)
-    return arr.reshape(tuple(tensor.dims))
+        return read_external(self.tensor, None)
 
 
 def import_graph(model: onnx.ModelProto, base_dir: str | os.PathLike[str] | None = None) -> gs.Graph:

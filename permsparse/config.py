@@ -1,0 +1,163 @@
+"""Configuration of ``optimize``: one frozen dataclass; ``None`` means the default.
+
+:meth:`OptimizeConfig.resolved` fills the defaults and validates every option (a :class:`UsageError` says which
+option is wrong and what is allowed), so the CLI and the Python API refuse the same things before any work starts.
+The registries of allowed values live with the code that implements them and are re-exported here for the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+
+from permsparse.errors import UsageError
+from typing import TYPE_CHECKING
+
+from permsparse.ir.compare import DEFAULT_RTOL
+from permsparse.pattern import NMPattern
+
+if TYPE_CHECKING:
+    from permsparse.ir.inputs import ShapeSpec
+
+#: Names the CLI offers (each tuple is the registry of the module that implements it).
+METHODS: tuple[str, ...] = ("identity", "lsa", "channel_swap", "learned")
+IMPORTANCES: tuple[str, ...] = ("magnitude", "wanda", "ria")
+POLICIES: tuple[str, ...] = ("fold", "global", "local")
+OBJECTIVES: tuple[str, ...] = ("importance", "output")
+#: build / bench / export.
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+PRECISION_MODES: tuple[str, ...] = ("auto", "flags", "onnx")
+BACKENDS: tuple[str, ...] = ("ort", "torch", "tensorrt")
+SPARSE_METHODS: tuple[str, ...] = ("semi", "cutlass", "cusparselt", "cslt")
+EXPORTERS: tuple[str, ...] = ("dynamo", "legacy")
+MODEL_NAMES: tuple[str, ...] = ("minilm", "vit", "llama", "hf")
+MODEL_SIZES: tuple[str, ...] = ("tiny", "small", "b16", "1b")
+#: Importances that need calibration data (per-channel activation norms).
+CALIBRATED_IMPORTANCES = frozenset({"wanda", "ria"})
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Settings of ``permsparse optimize`` (``None`` means the default; see :meth:`resolved`).
+
+    Attributes:
+        method: permutation method (:data:`METHODS`); default ``learned``.
+        policy: how permutations are realized (:data:`POLICIES`); default ``local``.
+        pattern: N:M pattern; default 2:4.
+        importance: mask importance (:data:`IMPORTANCES`); default ``magnitude``.
+        objective: what ``learned`` optimizes (:data:`OBJECTIVES`); default ``importance``.
+        mask: apply the masks (``False`` writes the permuted dense model); default True.
+        prune_head: also prune weights that write a graph output; default False.
+        exclude: regular expressions of weights kept dense.
+        shapes: input shapes for analysis and checks (the ``opt`` shape is used).
+        calib: calibration source (file/folder); default: built-in real text for text models.
+        calib_samples / calib_seq_len: calibration examples and tokens per example; default 32 / 128.
+        tokenizer: tokenizer folder for text calibration; default: beside the model, else the built-in one.
+        seed: seed of every random choice; default 0.
+        rtol: tolerance of the fold check; default 1e-4.
+        budget_s: seconds for learning (> 0); default: none.
+        workers: solver processes; default: all cores.
+        learned: :class:`permsparse.optimizer.learned.LearnedConfig` knobs.
+        recipe_perms: permutations to replay (unit name -> perm) instead of learning them (``--recipe``).
+        evaluate: after writing, measure plain N:M and the result against the dense input on held-out data
+            (``--report``); default False.
+        progress: progress bars; default True.
+    """
+
+    method: str | None = None
+    policy: str | None = None
+    pattern: NMPattern | str | None = None
+    importance: str | None = None
+    objective: str | None = None
+    mask: bool | None = None
+    prune_head: bool | None = None
+    exclude: tuple[str, ...] | None = None
+    shapes: Mapping[str, ShapeSpec] | None = None
+    calib: str | None = None
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+    tokenizer: str | None = None
+    seed: int | None = None
+    rtol: float | None = None
+    budget_s: float | None = None
+    workers: int | None = None
+    learned: object | None = None
+    recipe_perms: Mapping[str, object] | None = None
+    evaluate: bool | None = None
+    progress: bool | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance in CALIBRATED_IMPORTANCES
+
+    def resolved(self) -> OptimizeConfig:
+        """A copy with defaults filled in; raises :class:`UsageError` on any invalid option."""
+        c = replace(
+            self,
+            method=self.method or "learned",
+            policy=self.policy or "local",
+            pattern=NMPattern.parse(self.pattern) if self.pattern is not None else NMPattern(),
+            importance=self.importance or "magnitude",
+            objective=self.objective or "importance",
+            mask=True if self.mask is None else bool(self.mask),
+            prune_head=bool(self.prune_head),
+            exclude=tuple(self.exclude or ()),
+            calib_samples=32 if self.calib_samples is None else int(self.calib_samples),
+            calib_seq_len=128 if self.calib_seq_len is None else int(self.calib_seq_len),
+            seed=0 if self.seed is None else int(self.seed),
+            rtol=DEFAULT_RTOL if self.rtol is None else float(self.rtol),
+            evaluate=bool(self.evaluate),
+            progress=True if self.progress is None else bool(self.progress),
+        )
+        _choice("method", c.method, METHODS)
+        _choice("policy", c.policy, POLICIES)
+        _choice("importance", c.importance, IMPORTANCES)
+        _choice("objective", c.objective, OBJECTIVES)
+        if c.budget_s is not None and not c.budget_s > 0:
+            raise UsageError(f"--budget-s must be > 0 seconds, got {c.budget_s:g}")
+        if c.workers is not None and c.workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {c.workers}")
+        if c.calib_samples < 1 or c.calib_seq_len < 2:
+            raise UsageError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+        if not 0 < c.rtol < 1:
+            raise UsageError(f"--rtol must be in (0, 1), got {c.rtol:g}")
+        if c.calib is not None and not c.needs_calibration:
+            raise UsageError(
+                f"--calib is only used by calibrated importances ({', '.join(sorted(CALIBRATED_IMPORTANCES))}); "
+                f"with --importance {c.importance} it would be ignored: add --importance wanda, or drop --calib"
+            )
+        if c.objective == "output" and c.method != "learned":
+            raise UsageError("--objective output applies to --method learned only")
+        if c.method == "identity" and c.policy != "local" and self.policy is not None:
+            pass  # harmless: identity adds nothing whatever the policy
+        if c.learned is not None:
+            from permsparse.optimizer.learned import LearnedConfig
+
+            if not isinstance(c.learned, LearnedConfig):
+                raise UsageError("learned= must be a permsparse.optimizer.learned.LearnedConfig")
+        return c
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly options (for recipes and provenance)."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("recipe_perms", "progress", "evaluate"):
+                continue
+            if isinstance(v, NMPattern):
+                v = str(v)
+            elif f.name == "shapes" and v is not None:
+                v = [str(s) for s in v.values()]
+            elif f.name == "learned" and v is not None:
+                from dataclasses import asdict
+
+                v = asdict(v)  # type: ignore[call-overload]
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"--{option} {value!r} is not one of: {', '.join(allowed)}")

@@ -1,0 +1,136 @@
+"""The learning step: from a plan's units to permutation problems, solved by a method.
+
+A unit's problem lives in its *canonical channel space* (``classes × block`` channels of its closure, or the K rows of
+a cut sibling group): every sibling weight's importance is mapped there — rows already in canonical order are used as
+they are; head blocks tied to one class (GQA) become extra columns. A method returns ``perm`` over that space
+(``new[i] = old[perm[i]]``), which the fold pass applies to every member of the unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from permsparse.ir.graph import ConstRef
+from permsparse.optimizer.base import PermutationProblem
+from permsparse.passes.analysis import Closure, Plan
+from permsparse.passes.fold import Unit
+from permsparse.pattern import NMPattern
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnitReport:
+    """How much a unit's permutation recovered: importance kept by plain N:M vs permuted, the unstructured bound,
+    efficacy (share of the gap between plain N:M and the bound that the permutation closes), seconds."""
+
+    unit: Unit
+    retained_identity: float
+    retained: float
+    bound: float
+    efficacy: float
+    seconds: float
+
+
+def weight_values(consts: Mapping[str, ConstRef], plan: Plan, name: str) -> np.ndarray:
+    """The weight as ``[K, N]`` float32 (fp16/bf16 widened once)."""
+    w = plan.weights[name]
+    return np.asarray(w.k_major(consts[w.const].values), dtype=np.float32)
+
+
+def row_classes(closure: Closure, const: str, k_axis: int) -> np.ndarray:
+    """Canonical class of each block of a weight's rows."""
+    return next(mb.block_map for mb in closure.members if mb.const == const and mb.axis == k_axis)
+
+
+def is_canonical(block_map: np.ndarray, closure: Closure) -> bool:
+    return len(block_map) == closure.n_classes and np.array_equal(block_map, np.arange(len(block_map)))
+
+
+def canonical_importance(plan: Plan, unit: Unit, name: str, imp: np.ndarray) -> np.ndarray:
+    """``imp [K, N]`` of weight ``name`` in the unit's canonical row space (tied head blocks as extra columns)."""
+    if unit.group is not None:
+        return imp
+    closure = plan.closures[unit.closure]
+    w = plan.weights[name]
+    b = closure.block
+    bm = row_classes(closure, w.const, w.k_axis)
+    if is_canonical(bm, closure):
+        return imp
+    per_class: list[list[np.ndarray]] = [[] for _ in range(closure.n_classes)]
+    for t, c in enumerate(bm):
+        per_class[c].append(imp[t * b:(t + 1) * b])
+    width = max(len(x) for x in per_class) * imp.shape[1]
+    canon = np.zeros((closure.k, width), dtype=imp.dtype)
+    for c, blocks in enumerate(per_class):
+        if blocks:
+            row = np.concatenate(blocks, axis=1)
+            canon[c * b:(c + 1) * b, : row.shape[1]] = row
+    return canon
+
+
+def row_map(plan: Plan, unit: Unit, name: str) -> np.ndarray | None:
+    """Canonical channel of each actual row of weight ``name`` (``None``: rows are already canonical)."""
+    if unit.group is not None:
+        return None
+    closure = plan.closures[unit.closure]
+    w = plan.weights[name]
+    bm = row_classes(closure, w.const, w.k_axis)
+    if is_canonical(bm, closure):
+        return None
+    b = closure.block
+    r = np.arange(len(bm) * b)
+    return np.asarray(bm)[r // b] * b + r % b
+
+
+ImportanceFn = Callable[[str, np.ndarray], np.ndarray]
+
+
+def build_problem(plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray], pattern: NMPattern) -> PermutationProblem:
+    mats = tuple(canonical_importance(plan, unit, w, importances[w]) for w in unit.weights)
+    return PermutationProblem(name=unit.name, importances=mats, block=unit.block, n=pattern.n, m=pattern.m)
+
+
+def solve_units(
+    plan: Plan,
+    units: list[Unit],
+    consts: Mapping[str, ConstRef],
+    importance: ImportanceFn,
+    *,
+    method: str,
+    seed: int,
+    budget_s: float | None,
+    workers: int | None,
+    learned_config: object | None,
+    progress: bool,
+) -> tuple[dict[str, np.ndarray], list[UnitReport]]:
+    """Every unit's permutation, a chunk of units at a time so the importances of a big model are never all held."""
+    from permsparse.optimizer.solve import solve_all
+
+    if method == "identity":
+        return {u.name: np.arange(u.k) for u in units}, []
+    n_workers = workers or os.cpu_count() or 1
+    chunk = max(4, 2 * n_workers)
+    perms: dict[str, np.ndarray] = {}
+    reports: list[UnitReport] = []
+    per_unit = None if budget_s is None else budget_s / max(1, len(units))
+    for start in range(0, len(units), chunk):
+        part = units[start:start + chunk]
+        names = {w for u in part for w in u.weights}
+        imps = {n: importance(n, weight_values(consts, plan, n)) for n in names}
+        problems = [build_problem(plan, u, imps, plan.pattern) for u in part]
+        del imps
+        results = solve_all(
+            problems, method, workers=workers, seed=seed,
+            budget_s=None if per_unit is None else per_unit * len(part),
+            learned_config=learned_config, progress=progress,
+        )
+        for u, r in zip(part, results):
+            perms[u.name] = np.asarray(r.perm)
+            reports.append(UnitReport(u, r.retained_identity, r.retained, r.bound, r.efficacy, r.seconds))
+    return perms, reports

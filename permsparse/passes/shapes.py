@@ -1,0 +1,61 @@
+"""Static shapes: ONNX shape inference with data propagation on inputs fixed to concrete sizes (no model run).
+
+Read-only. Works on a copy of the graph whose big initializers keep only their dims (no weight bytes are read), so
+it costs little memory even for a 7B model. Tensors whose shape stays unknown are absent from the result; callers that
+need every shape (the analysis) fall back to the onnxruntime probe (:mod:`permsparse.passes.probe`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+log = logging.getLogger(__name__)
+
+
+def _dims_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for init in m.graph.initializer:
+        if np.prod(list(init.dims), dtype=np.int64) > 64:
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                init.ClearField(f)
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+    return m
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Concrete shape of every tensor ONNX shape inference can resolve with the inputs fixed to ``input_shapes``."""
+    m = _dims_only(model)
+    for vi in m.graph.input:
+        if vi.name in input_shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for d, v in zip(dims, input_shapes[vi.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError and others
+        log.info("static shape inference failed: %s", exc)
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = tt.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = tuple(int(d.dim_value) for d in dims)
+    for init in model.graph.initializer:
+        out[init.name] = tuple(int(d) for d in init.dims)
+    return out
+
+
+def token_counts(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Tokens (product of all but the last dim) of every tensor with a static shape at ``input_shapes``."""
+    return {name: int(np.prod(s[:-1], dtype=np.int64)) if len(s) > 1 else 1
+            for name, s in static_shapes(model, input_shapes).items()}

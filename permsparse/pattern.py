@@ -1,0 +1,88 @@
+"""The N:M sparsity pattern: one value type, one mask rule and one independent checker.
+
+``NMPattern(2, 4)`` means: in every group of ``m`` consecutive elements along a weight's reduction axis K, at most
+``n`` are non-zero, for every output column. That is what sparse tensor cores (and TensorRT's sparse tactics) need.
+
+Invariant of :func:`nm_keep_mask`: exactly ``n`` entries of every aligned group of ``m`` rows are kept per column.
+:func:`check_nm` re-checks stored values with no knowledge of how the mask was made, so it can serve as the
+independent checker of every verb (optimize, inspect, build, bench).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from permsparse.errors import PermsparseError
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """``n`` kept of every ``m`` consecutive elements along K (``0 < n < m``)."""
+
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise PermsparseError(f"an N:M pattern needs integers 0 < N < M, got {self.n}:{self.m}")
+
+    @classmethod
+    def parse(cls, text: str | NMPattern | tuple[int, int]) -> NMPattern:
+        """``"2:4"`` (or an ``NMPattern`` / ``(n, m)`` tuple) as a pattern."""
+        if isinstance(text, NMPattern):
+            return text
+        if isinstance(text, tuple):
+            return cls(int(text[0]), int(text[1]))
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+        if not match:
+            raise PermsparseError(f"pattern must look like 2:4 (N:M), got {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    def keep_mask(self, importance: np.ndarray) -> np.ndarray:
+        """Boolean ``[K, N]`` mask keeping the ``n`` most important of every ``m`` consecutive rows, per column."""
+        return nm_keep_mask(importance, self.n, self.m)
+
+    def check(self, values: np.ndarray, k_axis: int = 0) -> bool:
+        """True if ``values`` has at most ``n`` non-zeros in each aligned group of ``m`` along ``k_axis``."""
+        return check_nm(values, k_axis, self.n, self.m)
+
+
+DEFAULT_PATTERN = NMPattern(2, 4)
+
+
+def nm_keep_mask(importance: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Boolean mask ``[k, cols]`` keeping the ``n`` largest of every ``m`` consecutive rows, per column (ties: first)."""
+    k, cols = importance.shape
+    if k % m:
+        raise ValueError(f"K={k} is not divisible by M={m}")
+    grouped = importance.reshape(k // m, m, cols)
+    order = np.argsort(-grouped, axis=1, kind="stable")
+    keep = np.zeros(grouped.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, :n, :], True, axis=1)
+    return keep.reshape(k, cols)
+
+
+def check_nm(values: np.ndarray, k_axis: int, n: int, m: int) -> bool:
+    """True if every column has at most ``n`` non-zeros in each aligned group of ``m`` along ``k_axis``."""
+    arr = np.asarray(values)
+    if arr.ndim != 2:
+        return False
+    wk = np.moveaxis(arr, k_axis, 0)
+    k = wk.shape[0]
+    if k % m:
+        return False
+    counts = np.count_nonzero(wk.reshape(k // m, m, -1), axis=1)
+    return bool((counts <= n).all())
+
+
+__all__ = ["NMPattern", "DEFAULT_PATTERN", "nm_keep_mask", "check_nm"]
