@@ -31,6 +31,8 @@ from permsparse.config import (
     MODEL_SIZES,
     OBJECTIVES,
     POLICIES,
+    RECONSTRUCTIONS,
+    TEACHERS,
     PRECISION_MODES,
     PRECISIONS,
     SPARSE_METHODS,
@@ -151,9 +153,10 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
                                                                     "prune_head", "exclude", "seed")}
         options["exclude"] = tuple(options.get("exclude") or ())
         recipe_perms = doc["units"]
-    given = {k: getattr(args, k) for k in ("method", "policy", "pattern", "importance", "objective", "calib",
-                                           "calib_samples", "calib_seq_len", "tokenizer", "seed", "budget_s",
-                                           "workers", "rtol") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("method", "policy", "pattern", "importance", "objective", "reconstruct",
+                                           "sequential", "finetune_epochs", "finetune_lr", "teacher", "damp",
+                                           "calib", "calib_samples", "calib_seq_len", "tokenizer", "seed",
+                                           "budget_s", "workers", "rtol") if getattr(args, k) is not None}
     options.update(given)
     cfg = OptimizeConfig(
         **options,
@@ -286,7 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", choices=IMPORTANCES, default=None,
                    help="mask importance (default magnitude); wanda/ria calibrate on real data")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
-                   help="what the learned method optimizes (default importance)")
+                   help="what permutations optimize: importance kept, each unit's output error (output), or "
+                        "PermLLM's joint block output (block)")
+    p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default=None,
+                   help="sparsegpt: OBS mask choice and update of the kept weights from the calibration Hessian; "
+                        "none: plain masking")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate each block on the outputs of the already pruned blocks (default: on for "
+                        "block-wise runs)")
+    p.add_argument("--finetune-epochs", type=_nonneg_int, default=None,
+                   help="epochs of tuning each block's kept weights with the masks frozen (default 0)")
+    p.add_argument("--finetune-lr", type=_positive_float, default=None, help="learning rate of that tuning")
+    p.add_argument("--teacher", choices=TEACHERS, default=None,
+                   help="block targets: the dense model's outputs (dense) or the dense block on the pruned stream")
+    p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening (share of mean diag H, default 0.01)")
     p.add_argument("--calib", default=None, metavar="DATA",
                    help="calibration data: text file, .json/.jsonl, folder of .txt, token ids (.npy/.txt), images "
                         "(default: built-in real Wikipedia text for text models)")

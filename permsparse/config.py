@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 METHODS: tuple[str, ...] = ("identity", "lsa", "channel_swap", "learned")
 IMPORTANCES: tuple[str, ...] = ("magnitude", "wanda", "ria")
 POLICIES: tuple[str, ...] = ("fold", "global", "local")
-OBJECTIVES: tuple[str, ...] = ("importance", "output")
+OBJECTIVES: tuple[str, ...] = ("importance", "output", "block")
+RECONSTRUCTIONS: tuple[str, ...] = ("sparsegpt", "none")
+TEACHERS: tuple[str, ...] = ("dense", "local")
 #: build / bench / export.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 PRECISION_MODES: tuple[str, ...] = ("auto", "flags", "onnx")
@@ -45,7 +47,18 @@ class OptimizeConfig:
         policy: how permutations are realized (:data:`POLICIES`); default ``local``.
         pattern: N:M pattern; default 2:4.
         importance: mask importance (:data:`IMPORTANCES`); default ``magnitude``.
-        objective: what ``learned`` optimizes (:data:`OBJECTIVES`); default ``importance``.
+        objective: what permutations optimize (:data:`OBJECTIVES`): ``importance`` kept, ``output`` (each unit's
+            output error on calibration data, with the mask rule really applied), ``block`` (PermLLM: all
+            permutations of a Transformer block jointly, 1 − cos of the block output); default ``importance``.
+        reconstruct: ``sparsegpt`` (OBS mask choice and update of the kept weights from the calibration Hessian,
+            in the permuted order) or ``none`` (plain masking); default ``none``.
+        sequential: block by block, each block calibrated on the outputs of the already pruned blocks before it;
+            default True whenever calibration runs block-wise (reconstruction, output/block objectives, tuning).
+        finetune_epochs: epochs of tuning the kept weights of each block with the masks frozen; default 0.
+        finetune_lr: Adam learning rate of that tuning; default 1e-4.
+        teacher: target of block-wise steps: ``dense`` (the dense model's own block outputs, so later blocks
+            compensate earlier errors) or ``local`` (the dense block applied to the pruned stream); default dense.
+        damp: SparseGPT dampening, a share of mean(diag H); default 0.01.
         mask: apply the masks (``False`` writes the permuted dense model); default True.
         prune_head: also prune weights that write a graph output; default False.
         exclude: regular expressions of weights kept dense.
@@ -69,6 +82,12 @@ class OptimizeConfig:
     pattern: NMPattern | str | None = None
     importance: str | None = None
     objective: str | None = None
+    reconstruct: str | None = None
+    sequential: bool | None = None
+    finetune_epochs: int | None = None
+    finetune_lr: float | None = None
+    teacher: str | None = None
+    damp: float | None = None
     mask: bool | None = None
     prune_head: bool | None = None
     exclude: tuple[str, ...] | None = None
@@ -87,8 +106,14 @@ class OptimizeConfig:
     progress: bool | None = None
 
     @property
+    def blockwise(self) -> bool:
+        """True when the block-wise engine runs (reconstruction, output/block objectives, tuning or sequential)."""
+        return bool(self.reconstruct == "sparsegpt" or self.objective in ("output", "block")
+                    or self.finetune_epochs or self.sequential)
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.importance in CALIBRATED_IMPORTANCES
+        return self.importance in CALIBRATED_IMPORTANCES or self.blockwise
 
     def resolved(self) -> OptimizeConfig:
         """A copy with defaults filled in; raises :class:`UsageError` on any invalid option."""
@@ -99,6 +124,11 @@ class OptimizeConfig:
             pattern=NMPattern.parse(self.pattern) if self.pattern is not None else NMPattern(),
             importance=self.importance or "magnitude",
             objective=self.objective or "importance",
+            reconstruct=self.reconstruct or "none",
+            finetune_epochs=0 if self.finetune_epochs is None else int(self.finetune_epochs),
+            finetune_lr=1e-4 if self.finetune_lr is None else float(self.finetune_lr),
+            teacher=self.teacher or "dense",
+            damp=0.01 if self.damp is None else float(self.damp),
             mask=True if self.mask is None else bool(self.mask),
             prune_head=bool(self.prune_head),
             exclude=tuple(self.exclude or ()),
@@ -113,6 +143,12 @@ class OptimizeConfig:
         _choice("policy", c.policy, POLICIES)
         _choice("importance", c.importance, IMPORTANCES)
         _choice("objective", c.objective, OBJECTIVES)
+        _choice("reconstruct", c.reconstruct, RECONSTRUCTIONS)
+        _choice("teacher", c.teacher, TEACHERS)
+        if c.sequential is None:
+            c = replace(c, sequential=c.blockwise)
+        if c.finetune_epochs < 0 or not c.finetune_lr > 0 or not 0 <= c.damp < 1:
+            raise UsageError("--finetune-epochs must be >= 0, --finetune-lr > 0 and --damp in [0, 1)")
         if c.budget_s is not None and not c.budget_s > 0:
             raise UsageError(f"--budget-s must be > 0 seconds, got {c.budget_s:g}")
         if c.workers is not None and c.workers < 1:
@@ -126,7 +162,7 @@ class OptimizeConfig:
                 f"--calib is only used by calibrated importances ({', '.join(sorted(CALIBRATED_IMPORTANCES))}); "
                 f"with --importance {c.importance} it would be ignored: add --importance wanda, or drop --calib"
             )
-        if c.objective == "output" and c.method != "learned":
+        if c.objective == "output" and c.method not in ("learned", "identity"):
             raise UsageError("--objective output applies to --method learned only")
         if c.method == "identity" and c.policy != "local" and self.policy is not None:
             pass  # harmless: identity adds nothing whatever the policy

@@ -96,6 +96,38 @@ def build_problem(plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray],
     return PermutationProblem(name=unit.name, importances=mats, block=unit.block, n=pattern.n, m=pattern.m)
 
 
+def solve_problems(plan: Plan, problems: list[tuple[Unit, tuple, object]], cfg) -> tuple[dict[str, np.ndarray], list[UnitReport]]:
+    """Solve ``(unit, canonical importances, output terms or None)`` triples with ``cfg.method``."""
+    from permsparse.optimizer.solve import solve_all
+
+    if cfg.method == "identity" or not problems:
+        return {u.name: np.arange(u.k) for u, _, _ in problems}, []
+    built = []
+    for u, mats, outputs in problems:
+        kw = {"outputs": outputs} if outputs is not None else {}
+        built.append(PermutationProblem(name=u.name, importances=mats, block=u.block, n=plan.n, m=plan.m, **kw))
+    results = solve_all(built, cfg.method, workers=cfg.workers, seed=cfg.seed, budget_s=None,
+                        learned_config=_learned_config(cfg), progress=False)
+    perms = {u.name: np.asarray(r.perm) for (u, _, _), r in zip(problems, results)}
+    reports = [UnitReport(u, r.retained_identity, r.retained, r.bound, r.efficacy, r.seconds)
+               for (u, _, _), r in zip(problems, results)]
+    return perms, reports
+
+
+def _learned_config(cfg):
+    from dataclasses import replace
+
+    if cfg.method != "learned":
+        return None
+    if cfg.learned is not None:
+        return replace(cfg.learned, objective=cfg.objective) if cfg.objective == "output" else cfg.learned
+    if cfg.objective == "output":
+        from permsparse.optimizer.learned import LearnedConfig
+
+        return LearnedConfig(objective="output")
+    return None
+
+
 def solve_units(
     plan: Plan,
     units: list[Unit],

@@ -34,7 +34,7 @@ from permsparse.passes.analysis import Plan, analyze
 from permsparse.passes.fold import FoldResult, UnitPlan, apply_fold, plan_units
 from permsparse.passes.names import name_nodes
 from permsparse.passes.probe import probe, probe_session
-from permsparse.passes.sparsify import MaskStats, apply_masks, mask_weight
+from permsparse.passes.sparsify import MaskStats, apply_masks, fold_values, mask_weight, place_weight
 
 log = logging.getLogger(__name__)
 
@@ -129,54 +129,75 @@ def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | N
         units = plan_units(plan, cfg.policy)
 
     x_norms: dict[str, np.ndarray] = {}
-    if cfg.needs_calibration:
-        with stages("calibrate"):
-            x_norms = _calibrate(src_p, plan, selected, cfg)
-
     consts = const_index(graph)
-    with stages("learn"):
-        perms, reports = _learn(plan, units, consts, x_norms, cfg)
+    blockwise = None
+    with work_dir(dst_p.parent if dst_p is not None else None, "optimize") as work:
+        if cfg.blockwise:
+            with stages("block-wise"):
+                blockwise = _blockwise(src_p, model, graph, plan, units, consts, cfg, work, stages)
+            perms, reports = blockwise.perms, blockwise.unit_reports
+        else:
+            if cfg.importance in ("wanda", "ria"):
+                with stages("calibrate"):
+                    x_norms = _calibrate(src_p, plan, selected, cfg)
+            with stages("learn"):
+                perms, reports = _learn(plan, units, consts, x_norms, cfg)
+        return _finish(src_p, dst_p, model, graph, plan, units, perms, reports, x_norms, blockwise, reference,
+                       verify_feeds, external, digest, cfg, stages, work, t0)
 
+
+def _finish(src_p, dst_p, model, graph, plan, units, perms, reports, x_norms, blockwise, reference, verify_feeds,
+            external, digest, cfg, stages, work, t0) -> OptimizeResult:
+    """fold → verify → place masked / reconstructed weights → check N:M → save → recipe → (evaluate)."""
+    selected = plan.prunable
     with stages("fold"):
         fold = apply_fold(graph, plan, units.units, perms)
     row_orders = {n: fold.indices[(plan.weights[n].const, plan.weights[n].k_axis)] for n in selected
                   if (plan.weights[n].const, plan.weights[n].k_axis) in fold.indices}
 
-    with work_dir(dst_p.parent if dst_p is not None else None, "optimize") as work:
-        with stages("verify"):
-            if external:
-                spill_constants(graph, {c for c, _ in fold.indices}, work)
-                dense_path = save_model(gs.export_onnx(graph), work / "dense.onnx", external_data=True)
-                candidate = run_outputs(dense_path, verify_feeds)
-            else:
-                candidate = run_outputs(gs.export_onnx(graph), verify_feeds)
-            eq = compare(reference, candidate, cfg.rtol)
-        if not eq.ok:
-            raise VerificationError(
-                f"the permuted model differs from the input (max relative error {eq.max_rel_error:.3g} on output "
-                f"{eq.worst_output!r} > {cfg.rtol:g}); nothing was written. This is a bug in permsparse: please "
-                "report it with the model, or run with --policy fold to avoid Gathers."
-            )
+    with stages("verify"):
+        if external:
+            spill_constants(graph, {c for c, _ in fold.indices}, work)
+            dense_path = save_model(gs.export_onnx(graph), work / "dense.onnx", external_data=True)
+            candidate = run_outputs(dense_path, verify_feeds)
+        else:
+            candidate = run_outputs(gs.export_onnx(graph), verify_feeds)
+        eq = compare(reference, candidate, cfg.rtol)
+    if not eq.ok:
+        raise VerificationError(
+            f"the permuted model differs from the input (max relative error {eq.max_rel_error:.3g} on output "
+            f"{eq.worst_output!r} > {cfg.rtol:g}); nothing was written. This is a bug in permsparse: please "
+            "report it with the model, or run with --policy fold to avoid Gathers."
+        )
 
-        with stages("mask+save"):
-            importance = _masking_importance(plan, cfg.importance, x_norms, fold)
-            masks: list[MaskStats] = []
-            out_model: onnx.ModelProto | None = None
-            if external and dst_p is not None:
-                transforms = {} if not cfg.mask else {
-                    plan.weights[n].const: _streaming_mask(plan, n, importance, row_orders.get(n), masks)
-                    for n in selected
-                }
-                out_model = gs.export_onnx(graph)
-                _provenance(out_model, src_p, digest, cfg, plan, units)
-                save_model(out_model, dst_p, external_data=True, transform=transforms)
-            else:
-                if cfg.mask:
-                    masks = apply_masks(graph, plan, selected, importance, row_orders)
-                out_model = gs.export_onnx(graph)
-                _provenance(out_model, src_p, digest, cfg, plan, units)
-                if dst_p is not None:
-                    save_model(out_model, dst_p)
+    with stages("mask+save"):
+        importance = _masking_importance(plan, cfg.importance, x_norms, fold)
+        masks: list[MaskStats] = []
+        out_model: onnx.ModelProto | None = None
+        store = blockwise.store if blockwise is not None else None
+        if external and dst_p is not None:
+            transforms = {} if not cfg.mask else {
+                plan.weights[n].const: _streaming_mask(plan, n, importance, row_orders.get(n), masks, store, fold)
+                for n in selected
+            }
+            out_model = gs.export_onnx(graph)
+            _provenance(out_model, src_p, digest, cfg, plan, units)
+            save_model(out_model, dst_p, external_data=True, transform=transforms)
+        else:
+            if cfg.mask:
+                consts = const_index(graph)
+                rebuilt = [n for n in selected if store is not None and n in store]
+                for n in rebuilt:
+                    ref = consts[plan.weights[n].const]
+                    final, st = place_weight(plan.weights[n], ref.values, fold_values(plan, fold, n, store.get(n)),
+                                             plan.pattern, row_orders.get(n))
+                    ref.set_values(final)
+                    masks.append(st)
+                masks += apply_masks(graph, plan, [n for n in selected if n not in rebuilt], importance, row_orders)
+            out_model = gs.export_onnx(graph)
+            _provenance(out_model, src_p, digest, cfg, plan, units)
+            if dst_p is not None:
+                save_model(out_model, dst_p)
     nm_valid = {st.weight: st.valid for st in masks}
     bad = [w for w in selected if cfg.mask and not nm_valid.get(w)]
     if bad:
@@ -196,6 +217,38 @@ def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | N
                 result.quality = evaluate_quality(src_p, dst_p, result, work)
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def _blockwise(src: Path, model, graph, plan: Plan, units: UnitPlan, consts, cfg: OptimizeConfig, work: Path,
+               stages) -> object:
+    """Calibration, permutations and reconstructed weights block by block (:mod:`permsparse.blockwise`)."""
+    from permsparse.blockwise.engine import Engine, split_units
+    from permsparse.blockwise.store import WeightStore
+    from permsparse.data.feeds import make_feeds
+    from permsparse.passes.blocks import partition
+
+    bp = partition(graph, plan)
+    if bp is None:
+        raise PermsparseError(
+            "no Transformer blocks found (no residual-stream tensor cuts the graph), so block-wise calibration "
+            "cannot run; use --reconstruct none --objective importance --finetune-epochs 0 --no-sequential"
+        )
+    inside, outside = split_units(plan, units.units, bp)
+    pre: dict[str, np.ndarray] = {}
+    if cfg.recipe_perms is not None:
+        pre = _replay(units, cfg)
+    elif outside:
+        x_norms = _calibrate(src, plan, [w for u in outside for w in u.weights], cfg) \
+            if cfg.importance in ("wanda", "ria") else {}
+        sub = UnitPlan(units.policy, outside, {}, 0)
+        pre, _ = _learn(plan, sub, consts, x_norms, cfg)
+    dtypes = {w.name: np.dtype(np.float16) if w.dtype == "float16" else np.dtype(np.float32)
+              for w in plan.weights.values()}
+    store = WeightStore(work / "weights", dtypes)
+    feeds = make_feeds(src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
+                       tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
+    engine = Engine(model, src.parent, plan, inside, bp, consts, cfg, store)
+    return engine.run(feeds, pre, cfg.progress)
 
 
 def _verify_feeds(model: onnx.ModelProto, cfg: OptimizeConfig) -> list[dict[str, np.ndarray]]:
@@ -272,11 +325,15 @@ def _masking_importance(plan: Plan, kind: str, x_norms, fold: FoldResult):
     return fn
 
 
-def _streaming_mask(plan: Plan, name: str, importance, row_order, sink: list[MaskStats]):
+def _streaming_mask(plan: Plan, name: str, importance, row_order, sink: list[MaskStats], store, fold):
     w = plan.weights[name]
 
     def transform(stored: np.ndarray) -> np.ndarray:
-        masked, st = mask_weight(w, stored, importance(w, w.k_major(stored)), plan.pattern, row_order)
+        if store is not None and name in store:
+            masked, st = place_weight(w, stored, fold_values(plan, fold, name, store.get(name)), plan.pattern,
+                                      row_order)
+        else:
+            masked, st = mask_weight(w, stored, importance(w, w.k_major(stored)), plan.pattern, row_order)
         if not st.valid:
             raise VerificationError(f"weight {name} is not {plan.pattern} after masking; nothing written")
         sink.append(st)

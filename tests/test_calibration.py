@@ -18,7 +18,7 @@ from permsparse.data import calibration, feeds, kinds, metrics, text
 from permsparse.data.calibration import CalibrationConfig, collect_activation_stats
 from permsparse.optimizer import importance
 
-data = SimpleNamespace(make_feeds=feeds.make_feeds, model_kind=kinds.model_kind, vocab_size=kinds.vocab_size,
+data = SimpleNamespace(make_feeds=feeds.make_feeds, lm_text_feeds=feeds.lm_text_feeds, model_kind=kinds.model_kind, vocab_size=kinds.vocab_size,
                        builtin_texts=text.builtin_texts, _builtin_corpus=text._builtin_corpus, __file__=text.__file__)
 
 K, H, N = 8, 12, 4

@@ -82,6 +82,35 @@ def mask_weight(
     return stored_masked, stats
 
 
+def fold_values(plan: Plan, fold, name: str, eff_stored: np.ndarray) -> np.ndarray:
+    """A weight's effective values (original order, stored layout) re-indexed as the fold pass re-indexed the graph."""
+    w = plan.weights[name]
+    arr = np.asarray(eff_stored)
+    for axis in range(arr.ndim):
+        idx = fold.indices.get((w.const, axis))
+        if idx is not None:
+            arr = np.take(arr, idx, axis=axis)
+    return arr
+
+
+def place_weight(
+    w: WeightInfo, dense_stored: np.ndarray, final_stored: np.ndarray, pattern: NMPattern,
+    row_order: np.ndarray | None = None,
+) -> tuple[np.ndarray, MaskStats]:
+    """Store reconstructed N:M values (already in the folded order) in place of the dense weight, with stats:
+    the share of ``|W|`` at the kept positions, and what plain N:M would keep in the original order."""
+    dense = np.abs(np.asarray(w.k_major(dense_stored), dtype=np.float64))
+    final = np.asarray(final_stored).astype(np.asarray(dense_stored).dtype)
+    keep = w.k_major(final) != 0
+    total = float(dense.sum()) or 1.0
+    orig = dense if row_order is None else dense[np.argsort(row_order)]
+    ident = float(orig[nm_keep_mask(orig, pattern.n, pattern.m)].sum()) / total
+    kept = float(dense[keep].sum()) / total
+    stats = MaskStats(w.name, kept, ident, kept, float(np.count_nonzero(final)) / max(final.size, 1),
+                      check_nm(final, w.k_axis, pattern.n, pattern.m))
+    return final, stats
+
+
 def apply_masks(
     graph: gs.Graph,
     plan: Plan,

@@ -1,0 +1,71 @@
+"""Block-wise tuning of the kept weights with the N:M masks frozen (the lever left once permutations and OBS are in).
+
+The block's pruned weights become trainable tensors ``V``; the block runs with ``V ⊙ M`` (masks fixed, so every
+weight stays N:M with the same pattern) on its sparse-stream inputs, and Adam minimizes the relative squared error
+to the teacher's output, ‖y − y_teacher‖² / ‖y_teacher‖², over the calibration batches. The result is kept only if
+it lowers that error on the calibration data; otherwise the reconstructed weights stay.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from permsparse.blockwise.state import CalibState
+from permsparse.passes.analysis import Plan
+from permsparse.passes.blocks import Block
+
+log = logging.getLogger(__name__)
+
+
+def _stored(plan: Plan, name: str, wk: torch.Tensor) -> torch.Tensor:
+    return wk if plan.weights[name].k_axis == 0 else wk.T
+
+
+def finetune(
+    prog: Any,
+    block: Block,
+    state: CalibState,
+    targets: list[torch.Tensor],
+    eff: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray],
+    plan: Plan,
+    cfg: Any,
+    err_before: float,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Tuned ``[K, N]`` weights (masked) and the block's relative error with them."""
+    params = {w: torch.tensor(np.asarray(eff[w]), dtype=torch.float32, requires_grad=True) for w in eff}
+    keep = {w: torch.as_tensor(np.asarray(masks[w]), dtype=torch.float32) for w in eff}
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.finetune_lr)
+    gen = torch.Generator().manual_seed(cfg.seed + block.index)
+    scales = [float((y**2).mean()) or 1.0 for y in targets]
+    steps = cfg.finetune_epochs * len(state.batches)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    for _ in range(cfg.finetune_epochs):
+        for i in torch.randperm(len(state.batches), generator=gen).tolist():
+            b = state.batches[i]
+            overrides = {plan.weights[w].const: _stored(plan, w, p * keep[w]) for w, p in params.items()}
+            y = prog.run({block.input: b.sparse, **b.side}, overrides=overrides)[block.output].float()
+            loss = ((y - targets[i]) ** 2).mean() / scales[i]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    tuned = {w: (p.detach() * keep[w]).numpy() for w, p in params.items()}
+    num = den = 0.0
+    with torch.no_grad():
+        overrides = {plan.weights[w].const: _stored(plan, w, torch.as_tensor(v)) for w, v in tuned.items()}
+        for b, y in zip(state.batches, targets):
+            out = prog.run({block.input: b.sparse, **b.side}, overrides=overrides)[block.output].float()
+            num += float(((out - y) ** 2).sum())
+            den += float((y**2).sum())
+    err = num / max(den, 1e-30)
+    if not err < err_before:
+        log.info("block %d: tuning did not lower the error (%.4g >= %.4g); keeping the reconstruction",
+                 block.index, err, err_before)
+        return {w: np.asarray(v) for w, v in eff.items()}, err_before
+    return tuned, err
