@@ -31,7 +31,7 @@ _LAZY = {
     "BuildConfig": "permsparse.runtime.trt",
     "BenchConfig": "permsparse.runtime.bench",
     "NMPattern": "permsparse.pattern",
-    "ShapeSpec": "permsparse.ir.inputs",
+    "ShapeSpec": "permsparse.ir.shapes",
     "OptimizeResult": "permsparse.pipeline",
 }
 

@@ -17,7 +17,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +36,10 @@ from permsparse.config import (
     PRECISIONS,
     SPARSE_METHODS,
 )
+from permsparse import cli_verbs as verbs
 from permsparse.errors import PermsparseError, UsageError
 
 log = logging.getLogger("permsparse")
-
-
-@dataclass
-class Outcome:
-    """What a verb says: human text, and the same facts as JSON-friendly data."""
-
-    text: str
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------- argument types
@@ -119,149 +111,6 @@ def _shapes(p: argparse.ArgumentParser, what: str) -> None:
                        help=f"trtexec-style {flag[:3]} shapes" if flag != "optShapes" else "trtexec-style opt shapes")
 
 
-def _shape_specs(args: argparse.Namespace) -> dict:
-    from permsparse.ir.inputs import merge_profile_args
-
-    return merge_profile_args(list(args.shapes) + list(args.input_shapes), args.minShapes, args.optShapes,
-                              args.maxShapes) or {}
-
-
-# ------------------------------------------------------------------------------------------------- verbs
-
-
-def _cmd_optimize(args: argparse.Namespace) -> Outcome:
-    from permsparse.api import optimize
-    from permsparse.config import OptimizeConfig
-
-    learned = None
-    if args.learn_window or args.learn_iters:
-        from permsparse.optimizer.learned import LearnedConfig
-
-        kw: dict[str, Any] = {}
-        if args.learn_window:
-            kw["window"] = args.learn_window
-        if args.learn_iters:
-            kw["iterations"] = args.learn_iters
-        learned = LearnedConfig(**kw)
-    options: dict[str, Any] = {}
-    recipe_perms = None
-    if args.recipe is not None:
-        from permsparse.recipe import read_recipe
-
-        doc = read_recipe(args.recipe)
-        options = {k: v for k, v in doc["options"].items() if k in ("method", "policy", "pattern", "importance",
-                                                                    "prune_head", "exclude", "seed")}
-        options["exclude"] = tuple(options.get("exclude") or ())
-        recipe_perms = doc["units"]
-    given = {k: getattr(args, k) for k in ("method", "policy", "pattern", "importance", "objective", "reconstruct",
-                                           "sequential", "finetune_epochs", "finetune_lr", "teacher", "damp",
-                                           "calib", "calib_samples", "calib_seq_len", "tokenizer", "seed",
-                                           "budget_s", "workers", "rtol") if getattr(args, k) is not None}
-    options.update(given)
-    cfg = OptimizeConfig(
-        **options,
-        mask=not args.no_mask,
-        prune_head=args.prune_head or options.get("prune_head"),
-        exclude=tuple(args.exclude) or options.get("exclude"),
-        shapes=_shape_specs(args) or None,
-        learned=learned,
-        recipe_perms=recipe_perms,
-        evaluate=args.report is not None,
-        progress=not args.quiet,
-    ).resolved()
-    result = optimize(args.model, args.output, cfg)
-    from permsparse.report import quality_lines
-    from permsparse.summary import optimize_summary
-
-    lines = [optimize_summary(result), *quality_lines(result)]
-    data: dict[str, Any] = {
-        "output": str(args.output),
-        "pattern": str(cfg.pattern),
-        "weights_pruned": len(result.selected),
-        "nm_valid": sum(result.nm_valid.values()),
-        "permutations": len(result.units.units),
-        "gathers": len(result.fold.gathers),
-        "fold_check": {"max_rel_error": result.equivalence.max_rel_error, "rtol": result.equivalence.rtol,
-                       "method": result.equivalence.method},
-        "timings": result.timings,
-        "quality": result.quality,
-    }
-    if args.report:
-        from permsparse.report import write_report
-
-        path = write_report(result, args.report)
-        lines.append(f"report: {path}")
-        data["report"] = str(path)
-    lines.append(f"wrote {args.output} ({'dense, permuted' if args.no_mask else f'{cfg.pattern} sparse'}) "
-                 f"in {result.timings['total']:.1f} s")
-    return Outcome("\n".join(lines), data)
-
-
-def _cmd_inspect(args: argparse.Namespace) -> Outcome:
-    from permsparse.api import inspect
-    from permsparse.inspection import InspectConfig
-    from permsparse.summary import inspect_table
-
-    result = inspect(args.model, InspectConfig(pattern=args.pattern, shapes=_shape_specs(args) or None))
-    return Outcome(inspect_table(result), result.to_dict())
-
-
-def _cmd_build(args: argparse.Namespace) -> Outcome:
-    from permsparse.api import build
-    from permsparse.runtime.trt import BuildConfig
-
-    out = args.output or args.model.with_suffix(".plan")
-    config = BuildConfig(
-        precision=args.precision, sparse=args.sparse, shapes=_shape_specs(args), workspace_gb=args.workspace,
-        timing_cache=args.timing_cache, keep_fp32_ops=tuple(args.keep_fp32) if args.keep_fp32 else None,
-        precision_mode=args.precision_mode, log_path=args.trt_log,
-    )
-    report = build(args.model, out, config)
-    data = {"engine": str(report.engine_path), "bytes": report.engine_bytes, "module": report.module,
-            "precision": report.precision, "seconds": report.build_seconds, "sparse_layers": report.n_sparse,
-            "candidates": report.n_candidates,
-            "layers": [{"layer": x.node, "k": x.k, "n": x.n, "nm_valid": x.is_2to4, "status": x.status,
-                        "reason": x.reason} for x in report.layers]}
-    return Outcome(report.summary(), data)
-
-
-def _cmd_bench(args: argparse.Namespace) -> Outcome:
-    from permsparse.api import bench
-    from permsparse.runtime.bench import BenchConfig, write_json
-
-    plot = None if args.no_plot else (args.plot or args.model.with_name(f"{args.model.stem}.bench-{args.backend}.png"))
-    config = BenchConfig(backend=args.backend, shapes=_shape_specs(args), iters=args.iters, warmup=args.warmup,
-                         precision=args.precision, sparse_method=args.sparse_method, threads=args.threads,
-                         plot_path=plot)
-    result = bench(args.model, args.dense, config)
-    lines = [result.table()]
-    if plot:
-        lines.append(f"plot: {plot}")
-    if args.save_json:
-        write_json(result, args.save_json)
-        lines.append(f"json: {args.save_json}")
-    return Outcome("\n".join(lines), result.to_dict())
-
-
-def _cmd_export(args: argparse.Namespace) -> Outcome:
-    import time
-
-    from permsparse.api import ExportConfig, export
-    from permsparse.models.export import summarize_onnx
-
-    start = time.perf_counter()
-    path = export(args.model, args.output, ExportConfig(exporter=args.exporter, size=args.size, seed=args.seed,
-                                                        hf_dir=args.hf_dir))
-    elapsed = time.perf_counter() - start
-    info = summarize_onnx(path)
-    ins = ", ".join(f"{k}{v}" for k, v in info["inputs"].items())
-    outs = ", ".join(f"{k}{v}" for k, v in info["outputs"].items())
-    extra = f" + {path.name}.data" if info["external_data"] else ""
-    text = (f"exported {args.model} ({args.exporter}) -> {path}{extra}: {info['bytes'] / 1e6:.1f} MB, "
-            f"{info['nodes']} nodes, {info['linear_matmuls']} MatMul weights, {ins} -> {outs}, {elapsed:.1f} s")
-    return Outcome(text, {**info, "seconds": elapsed})
-
-
 # ------------------------------------------------------------------------------------------------- parser
 
 
@@ -300,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=None,
                    help="epochs of tuning each block's kept weights with the masks frozen (default 0)")
     p.add_argument("--finetune-lr", type=_positive_float, default=None, help="learning rate of that tuning")
+    p.add_argument("--block-steps", type=_positive_int, default=None,
+                   help="steps of the joint block learner per block (--objective block, default 30)")
     p.add_argument("--teacher", choices=TEACHERS, default=None,
                    help="block targets: the dense model's outputs (dense) or the dense block on the pruned stream")
     p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening (share of mean diag H, default 0.01)")
@@ -325,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, default=None, metavar="FILE",
                    help="replay a recipe.json written by an earlier run (same options and permutations)")
     _shapes(p, "shapes for analysis and checks")
-    p.set_defaults(func=_cmd_optimize)
+    p.set_defaults(func=verbs._cmd_optimize)
 
     p = sub.add_parser("inspect", help="weights, closures, fold status and N:M validity")
     _common(p)
     p.add_argument("model", type=Path)
     p.add_argument("--pattern", type=_pattern, default=None, help="N:M pattern to check (default 2:4)")
     _shapes(p, "shapes for the analysis")
-    p.set_defaults(func=_cmd_inspect)
+    p.set_defaults(func=verbs._cmd_inspect)
 
     p = sub.add_parser("build", help="build a TensorRT / TensorRT-RTX engine with sparse weights",
                        description="Parse an ONNX model with the installed TensorRT (tensorrt preferred, else "
@@ -355,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="op types kept in fp32 by the conversion (default: norms, softmax, reductions, Pow, Sqrt)")
     p.add_argument("--trt-log", type=Path, default=None, metavar="FILE", help="write TensorRT's verbose log there")
     _shapes(p, "optimization profile")
-    p.set_defaults(func=_cmd_build)
+    p.set_defaults(func=verbs._cmd_build)
 
     p = sub.add_parser("bench", help="latency of the sparse model vs the dense one (table + bar plot)")
     _common(p)
@@ -373,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not write a plot")
     p.add_argument("--save-json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
     _shapes(p, "shapes to time (the OPT shape)")
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=verbs._cmd_bench)
 
     p = sub.add_parser("export", help="export a built-in or local Hugging Face model to ONNX",
                        description="minilm: the real all-MiniLM-L6-v2 (offline); vit, llama: seeded test models; "
@@ -385,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=MODEL_SIZES, default="tiny", help="preset size for vit/llama (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in models' weights (default 0)")
     p.add_argument("--hf-dir", metavar="DIR", default=None, help="local Hugging Face checkpoint (model hf)")
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(func=verbs._cmd_export)
     return parser
 
 
@@ -425,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if as_json or getattr(args, "quiet", False):
         args.quiet = True
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    func: Callable[[argparse.Namespace], Outcome] = args.func
+    func: Callable[[argparse.Namespace], verbs.Outcome] = args.func
     try:
         outcome = func(args)
     except KeyboardInterrupt:

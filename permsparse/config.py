@@ -17,7 +17,7 @@ from permsparse.ir.compare import DEFAULT_RTOL
 from permsparse.pattern import NMPattern
 
 if TYPE_CHECKING:
-    from permsparse.ir.inputs import ShapeSpec
+    from permsparse.ir.shapes import ShapeSpec
 
 #: Names the CLI offers (each tuple is the registry of the module that implements it).
 METHODS: tuple[str, ...] = ("identity", "lsa", "channel_swap", "learned")
@@ -56,6 +56,7 @@ class OptimizeConfig:
             default True whenever calibration runs block-wise (reconstruction, output/block objectives, tuning).
         finetune_epochs: epochs of tuning the kept weights of each block with the masks frozen; default 0.
         finetune_lr: Adam learning rate of that tuning; default 1e-4.
+        block_steps: optimizer steps of the joint block learner (``objective="block"``) per block; default 30.
         teacher: target of block-wise steps: ``dense`` (the dense model's own block outputs, so later blocks
             compensate earlier errors) or ``local`` (the dense block applied to the pruned stream); default dense.
         damp: SparseGPT dampening, a share of mean(diag H); default 0.01.
@@ -86,6 +87,7 @@ class OptimizeConfig:
     sequential: bool | None = None
     finetune_epochs: int | None = None
     finetune_lr: float | None = None
+    block_steps: int | None = None
     teacher: str | None = None
     damp: float | None = None
     mask: bool | None = None
@@ -127,6 +129,7 @@ class OptimizeConfig:
             reconstruct=self.reconstruct or "none",
             finetune_epochs=0 if self.finetune_epochs is None else int(self.finetune_epochs),
             finetune_lr=1e-4 if self.finetune_lr is None else float(self.finetune_lr),
+            block_steps=30 if self.block_steps is None else int(self.block_steps),
             teacher=self.teacher or "dense",
             damp=0.01 if self.damp is None else float(self.damp),
             mask=True if self.mask is None else bool(self.mask),

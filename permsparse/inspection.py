@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from permsparse.errors import PermsparseError
-from permsparse.ir.inputs import ShapeSpec
+from permsparse.ir.shapes import ShapeSpec
 from permsparse.pattern import NMPattern
 
 

@@ -22,7 +22,8 @@ from permsparse.errors import PermsparseError
 from permsparse.runtime import precision as prec
 from permsparse.runtime.bench import BenchConfig, BenchResult, BenchRow, format_table, plot_result, run_bench
 from permsparse.cli import main as cli_main
-from permsparse.ir.inputs import InputSpec, ShapeSpec, derive_profiles, merge_profile_args, parse_shape_arg, parse_shapes
+from permsparse.ir.inputs import InputSpec
+from permsparse.ir.shapes import ShapeSpec, derive_profiles, merge_profile_args, parse_shape_arg, parse_shapes
 from permsparse.ir.weights import WeightInfo, WeightStatus, model_weight_status
 from permsparse.passes.shapes import token_counts
 from permsparse.pattern import check_nm
@@ -295,7 +296,7 @@ def test_bench_ort_and_cli(models: dict[str, Path], tmp_path: Path, capsys: pyte
 
 
 def test_sparsity_log_parsing() -> None:
-    from permsparse.runtime.trt import classify_layers, parse_sparsity_log, sparse_tactic_layers
+    from permsparse.runtime.sparsity import classify_layers, parse_sparsity_log, sparse_tactic_layers
 
     log = [
         "(Sparsity) Layers eligible for sparse math: /a/MatMul + /a/Add, /b/MatMul, Conv_3",

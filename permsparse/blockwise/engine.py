@@ -182,6 +182,8 @@ class Engine:
                        if u.name not in result.perms]
         if block_units:
             perms, reports = self.learn(block_units, wk, hessians)
+            if cfg.objective == "block":
+                perms = self.learn_jointly(prog, block, state, targets, block_units, perms, wk, hessians)
             result.perms.update(perms)
             result.unit_reports.extend(reports)
 
@@ -245,6 +247,25 @@ class Engine:
             mats = tuple(canonical_importance(self.plan, u, w, imps[w]) for w in u.weights)
             problems.append((u, mats, outputs))
         return solve_problems(self.plan, problems, cfg)
+
+    def learn_jointly(self, prog, block: Block, state: CalibState, targets, units: list[Unit], p0, wk, hessians):
+        """PermLLM: refine the units' permutations jointly on the block's output (:mod:`.permllm`)."""
+        from permsparse.blockwise.permllm import PermLLMConfig, learn_block_perms
+
+        cfg = self.cfg
+        in_units = {w for u in units for w in u.weights}
+        scores = {w: score(cfg.importance, wk[w], hessians.get(self.plan.weights[w].input), cfg.damp)
+                  for w in in_units}
+        fixed = {}
+        for w in block.weights:
+            if w not in in_units:
+                u = self.unit_of.get(w)
+                sigma = weight_row_perm(self.plan, u, p0.get(u.name) if u else None, w)
+                fixed[w] = self.prune(w, wk[w], hessians.get(self.plan.weights[w].input), sigma)[0]
+        pcfg = PermLLMConfig(steps=cfg.block_steps)
+        return learn_block_perms(prog, block, state, targets, self.plan, units, p0, wk, scores, fixed,
+                                 lambda u, p, w: weight_row_perm(self.plan, u, p, w),
+                                 lambda u, w: row_map(self.plan, u, w), pcfg, cfg.seed + block.index)
 
     @property
     def mask_score(self) -> str:

@@ -60,11 +60,14 @@ def quiet_transformers() -> Iterator[None]:
     transformers = import_transformers()
     hf_logging = transformers.utils.logging
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         with offline():
             yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 

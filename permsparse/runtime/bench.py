@@ -25,7 +25,8 @@ import onnx
 from permsparse.errors import PermsparseError
 from permsparse.config import BACKENDS
 from permsparse.ir.compare import agreement
-from permsparse.ir.inputs import InputSpec, ShapeSpec, derive_profiles, graph_inputs, random_feeds
+from permsparse.ir.inputs import InputSpec, graph_inputs, random_feeds
+from permsparse.ir.shapes import ShapeSpec, derive_profiles
 from permsparse.ir.model import load_model
 from permsparse.ir.save import atomic_write_bytes, atomic_write_text
 from permsparse.ir.session import Session
