@@ -37,6 +37,7 @@ class ExportConfig:
     size: str | None = None
     seed: int | None = None
     hf_dir: str | None = None
+    dtype: str | None = None
 
 
 def optimize(model: PathLike, output: PathLike | None, config: OptimizeConfig | None = None) -> OptimizeResult:
@@ -73,4 +74,4 @@ def export(name: str, output: PathLike, config: ExportConfig | None = None) -> P
 
     cfg = config or ExportConfig()
     return export_model(name, output, exporter=cfg.exporter or "dynamo", size=cfg.size or "tiny",
-                        seed=cfg.seed or 0, hf_dir=cfg.hf_dir)
+                        seed=cfg.seed or 0, hf_dir=cfg.hf_dir, dtype=cfg.dtype or "float32")

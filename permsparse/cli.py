@@ -235,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch.onnx exporter (default dynamo)")
     p.add_argument("--size", choices=MODEL_SIZES, default="tiny", help="preset size for vit/llama (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in models' weights (default 0)")
-    p.add_argument("--hf-dir", metavar="DIR", default=None, help="local Hugging Face checkpoint (model hf)")
+    p.add_argument("--hf-dir", metavar="DIR", default=None,
+                   help="local Hugging Face checkpoint or folder with one .gguf (model hf)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="weights' type of an hf export (default float32)")
     p.set_defaults(func=verbs._cmd_export)
     return parser
 

@@ -145,7 +145,7 @@ def _cmd_export(args: argparse.Namespace) -> Outcome:
 
     start = time.perf_counter()
     path = export(args.model, args.output, ExportConfig(exporter=args.exporter, size=args.size, seed=args.seed,
-                                                        hf_dir=args.hf_dir))
+                                                        hf_dir=args.hf_dir, dtype=args.dtype))
     elapsed = time.perf_counter() - start
     info = summarize_onnx(path)
     ins = ", ".join(f"{k}{v}" for k, v in info["inputs"].items())

@@ -29,6 +29,7 @@ from permsparse.ir.inputs import concrete_shapes, random_feeds
 from permsparse.ir.model import check_input, load_model, model_files, uses_external_data
 from permsparse.ir.save import check_output, save_model, spill_constants, work_dir
 from permsparse.ir.session import run_outputs
+from permsparse.ir.upcast import is_half_model, upcast_feeds, upcast_model
 from permsparse.learn import UnitReport, solve_units
 from permsparse.passes.analysis import Plan, analyze
 from permsparse.passes.fold import FoldResult, UnitPlan, apply_fold, plan_units
@@ -108,13 +109,17 @@ def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | N
         shapes = concrete_shapes(model, cfg.shapes)
         verify_feeds = _verify_feeds(model, cfg)
 
+    half = is_half_model(model)
     with stages("probe"):
         session = probe_session(model, base_dir=base_dir)
         try:
             pr = probe(model, random_feeds(model, shapes, seed=cfg.seed), session=session)
-            reference = [session.run(f, [o.name for o in model.graph.output]) for f in verify_feeds]
+            if not half:
+                reference = [session.run(f, [o.name for o in model.graph.output]) for f in verify_feeds]
         finally:
             session.close()
+        if half:  # the fold check compares fp32 copies: exact folds must not drown in fp16 rounding
+            reference = run_outputs(upcast_model(model, base_dir), [upcast_feeds(f) for f in verify_feeds])
 
     with stages("analyze"):
         graph = import_graph(model, base_dir)
@@ -156,13 +161,21 @@ def _finish(src_p, dst_p, model, graph, plan, units, perms, reports, x_norms, bl
                   if (plan.weights[n].const, plan.weights[n].k_axis) in fold.indices}
 
     with stages("verify"):
+        half = is_half_model(model)
         if external:
             spill_constants(graph, {c for c, _ in fold.indices}, work)
             dense_path = save_model(gs.export_onnx(graph), work / "dense.onnx", external_data=True)
-            candidate = run_outputs(dense_path, verify_feeds)
+            if half:
+                candidate = run_outputs(upcast_model(onnx.load(str(dense_path), load_external_data=False), work),
+                                        [upcast_feeds(f) for f in verify_feeds])
+            else:
+                candidate = run_outputs(dense_path, verify_feeds)
+        elif half:
+            candidate = run_outputs(upcast_model(gs.export_onnx(graph)), [upcast_feeds(f) for f in verify_feeds])
         else:
             candidate = run_outputs(gs.export_onnx(graph), verify_feeds)
-        eq = compare(reference, candidate, cfg.rtol)
+        method = "whole model on onnxruntime" + (", 16-bit weights compared as fp32" if half else "")
+        eq = compare(reference, candidate, cfg.rtol, method)
     if not eq.ok:
         raise VerificationError(
             f"the permuted model differs from the input (max relative error {eq.max_rel_error:.3g} on output "

@@ -304,7 +304,7 @@ def _check_linears(model: onnx.ModelProto, module: nn.Module, exporter: str) -> 
 
 
 def _named_model(
-    name: str, *, size: str, seed: int, hf_dir: str | os.PathLike[str] | None
+    name: str, *, size: str, seed: int, hf_dir: str | os.PathLike[str] | None, dtype: str = "float32"
 ) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[int, str]], list[str]]:
     if name == "minilm":
         from permsparse.models.minilm import load_minilm
@@ -338,7 +338,7 @@ def _named_model(
 
         if hf_dir is None:
             raise PermsparseError("model 'hf' needs a checkpoint directory: pass --hf-dir DIR (hf_dir=...).")
-        module, inputs, axes, outputs = load_hf_checkpoint(hf_dir, seed=seed)
+        module, inputs, axes, outputs = load_hf_checkpoint(hf_dir, seed=seed, dtype=dtype)
         return module, inputs, axes, outputs
     raise PermsparseError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
 
@@ -351,18 +351,25 @@ def export_model(
     size: str = "tiny",
     seed: int = 0,
     hf_dir: str | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Build or load model ``name`` (``minilm``, ``vit``, ``llama``, ``hf``) and export it to ``path``.
 
     ``size`` picks a preset for ``vit`` (tiny, small, b16) and ``llama`` (tiny, small, 1b); ``seed`` seeds the
-    built-in models' weights; ``hf_dir`` is the checkpoint directory for ``hf``.
+    built-in models' weights; ``hf_dir`` is the checkpoint directory for ``hf`` (its tokenizer is written beside
+    the ONNX file); ``dtype`` (``float32``, ``float16``, ``bfloat16``) is the weights' type for ``hf``.
     """
     if exporter not in EXPORTERS:
         raise PermsparseError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
-    module, inputs, axes, outputs = _named_model(name, size=size, seed=seed, hf_dir=hf_dir)
-    return export_onnx(
-        module, inputs, path, dynamo=exporter == "dynamo", dynamic_axes=axes, output_names=outputs
-    )
+    if dtype != "float32" and name != "hf":
+        raise PermsparseError(f"dtype {dtype} applies to hf checkpoints; the built-in models export in float32")
+    module, inputs, axes, outputs = _named_model(name, size=size, seed=seed, hf_dir=hf_dir, dtype=dtype)
+    out = export_onnx(module, inputs, path, dynamo=exporter == "dynamo", dynamic_axes=axes, output_names=outputs)
+    if name == "hf" and hf_dir is not None:
+        from permsparse.models.hf import save_tokenizer_beside
+
+        save_tokenizer_beside(hf_dir, out)
+    return out
 
 
 def summarize_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:

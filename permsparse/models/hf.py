@@ -182,8 +182,11 @@ def load_hf_checkpoint(
     batch: int = 2,
     seq: int = 16,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> LoadedModel:
-    """Load a local Hugging Face checkpoint directory offline, in fp32 eval mode, wrapped for export.
+    """Load a local Hugging Face checkpoint directory offline, in eval mode, wrapped for export.
+
+    ``dtype``: ``float32`` (default), ``float16`` or ``bfloat16`` — the weights' type in the export.
 
     ``task``: ``"auto"`` (from ``config.architectures``/``model_type``), ``"encoder"`` (``input_ids``,
     ``attention_mask`` → ``last_hidden_state``), ``"causal-lm"`` (``input_ids`` → ``logits``, no KV cache) or
@@ -205,10 +208,15 @@ def load_hf_checkpoint(
     except Exception as exc:
         raise PermsparseError(f"cannot read the Hugging Face config in {path}: {exc}") from exc
     resolved = _resolve_task(config, task)
+    if gguf_file is not None and task == "auto" and resolved == "encoder":
+        resolved = "causal-lm"  # a GGUF holds a language model; its config names no architecture
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise PermsparseError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
     auto = transformers.AutoModelForCausalLM if resolved == "causal-lm" else transformers.AutoModel
     try:
         with quiet_transformers():
-            model = auto.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32, **kwargs)
+            model = auto.from_pretrained(str(path), attn_implementation="eager", dtype=torch_dtype, **kwargs)
     except Exception as exc:
         raise PermsparseError(
             f"cannot load {path} as a {resolved} model ({type(exc).__name__}: {exc}). "
@@ -217,7 +225,8 @@ def load_hf_checkpoint(
     model.eval()
     logger.info("loaded %s (%s, task %s) from %s", type(model).__name__, config.model_type, resolved, path)
 
-    info = {"model_type": getattr(config, "model_type", ""), "class": type(model).__name__, "path": str(path)}
+    info = {"model_type": getattr(config, "model_type", ""), "class": type(model).__name__, "path": str(path),
+            "gguf_file": gguf_file or ""}
     if resolved == "vision":
         size = getattr(config, "image_size", 224)
         size = size if isinstance(size, int) else int(size[0])
@@ -256,3 +265,24 @@ def load_hf_checkpoint(
         resolved,
         info,
     )
+
+
+def save_tokenizer_beside(hf_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str]) -> Path | None:
+    """Write the checkpoint's tokenizer beside an exported ONNX file (as Optimum does), unless one is there already,
+    so ``optimize`` calibrates with the model's own tokenizer. Returns the folder, or None when there is none."""
+    out = Path(onnx_path).resolve().parent
+    if any((out / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    path, gguf_file = _check_directory(hf_dir)
+    transformers = import_transformers()
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        with quiet_transformers():
+            tok = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+            tok.save_pretrained(str(out))
+    except Exception as exc:  # no tokenizer in the checkpoint: calibration will ask for --tokenizer
+        logger.info("no tokenizer saved beside %s: %s", onnx_path, exc)
+        return None
+    return out

@@ -1,7 +1,8 @@
 """Blocks pass: cut the graph into Transformer blocks at residual-stream tensors (read-only).
 
 The residual stream is the closure that feeds the most sibling groups (embeddings, every norm, every residual Add).
-*Stream* tensors are the descendants of its first tensor. A stream tensor ``t`` is a *cut* if, right after the node
+*Stream* tensors are the descendants of its first tensor (except through ``Shape`` of the first tensor itself, whose
+value the prefix computes: legacy exports build the attention mask from it). A stream tensor ``t`` is a *cut* if, right after the node
 that writes it (in topological order), ``t`` is the only stream tensor still to be read: everything after depends on
 the stream only through ``t``. Tensors that stream nodes read but that do not descend from the stream (attention
 masks, RoPE tables, positions) are *side* tensors: they depend on the graph inputs alone, so they are the same for the
@@ -73,6 +74,8 @@ def partition(graph: gs.Graph, plan: Plan) -> BlockPlan | None:
     stream_nodes: set[int] = set()
     for i in range(producer[first] + 1, len(nodes)):
         n = nodes[i]
+        if n.op in ("Shape", "Size") and n.inputs and n.inputs[0].name == first:
+            continue  # the first tensor's shape is known to the prefix: its descendants are side tensors
         if any(t.name in stream for t in n.inputs):
             stream_nodes.add(i)
             stream.update(o.name for o in n.outputs)
