@@ -82,9 +82,7 @@ def score(kind: str, wk: np.ndarray, h: np.ndarray | None, damp: float) -> np.nd
     if kind == "magnitude" or h is None:
         return np.abs(wk).astype(np.float32)
     if kind == "obs":
-        from permsparse.optimizer.importance import obs
-
-        return np.asarray(obs(wk, h, damp=damp), dtype=np.float32)
+        return np.asarray(compute_importance("obs", wk, hessian=h, damp=damp), dtype=np.float32)
     x_norm = np.sqrt(np.maximum(np.diag(h), 0.0))
     return np.asarray(compute_importance(kind, wk, x_norm), dtype=np.float32)
 
@@ -277,7 +275,7 @@ class Engine:
         if self.cfg.reconstruct == "sparsegpt" and h is not None:
             from permsparse.optimizer.sparsegpt import sparsegpt_nm
 
-            res = sparsegpt_nm(wk, h, n, m, perm=sigma, damp=self.cfg.damp)
+            res = sparsegpt_nm(wk, h, n, m, perm=sigma, damp=self.cfg.damp, compute_error=False)
             return np.asarray(res.weight, dtype=np.float32), np.asarray(res.mask, dtype=bool)
         imp = score(self.cfg.importance, wk, h, self.cfg.damp)
         order = np.arange(wk.shape[0]) if sigma is None else sigma

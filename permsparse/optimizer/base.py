@@ -11,6 +11,11 @@ analysis only produces blocks that are multiples of ``m``.
 
 Objective (the one all built-in methods maximize unless they say otherwise): the sum over siblings of the share of each
 sibling's total importance that survives N:M masking along K after permuting rows; see :func:`retained_share`.
+
+Output objective (optional, ``problem.outputs``): one :class:`OutputTerm` per sibling with its dense weight, the Gram
+matrix ``H = XᵀX`` of its input and the masking score really applied, in the weight's *actual* row order; a canonical
+permutation reorders sibling i's rows by ``σ_i(r) = r + perm[row_map[r]] − row_map[r]`` (exactly what the fold pass
+does to tied head blocks, see :func:`sibling_rows`). The loss is in :mod:`permsparse.optimizer.objectives`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,34 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class OutputTerm:
+    """One sibling weight's data for the output objective (arrays in the weight's ACTUAL row order).
+
+    Attributes:
+        weight: ``[K_i, N_i]`` dense weight (K-major).
+        hessian: ``[K_i, K_i]`` ``XᵀX`` of the weight's input over calibration tokens (siblings reading one tensor may
+            share one array).
+        score: ``[K_i, N_i]`` the masking importance really applied (wanda / ria / obs / magnitude).
+        row_map: ``[K_i]`` canonical channel of each actual row (None: identity, ``K_i == problem.k``). Rows must map
+            block-wise: ``row_map[r] − r`` is a multiple of the problem's block (head blocks keep their offsets).
+    """
+
+    weight: np.ndarray
+    hessian: np.ndarray
+    score: np.ndarray
+    row_map: np.ndarray | None = None
+
+
+def sibling_rows(perm: np.ndarray, row_map: np.ndarray | None) -> np.ndarray:
+    """``σ`` with ``new[r] = old[σ[r]]`` for a sibling's actual rows: ``σ(r) = r + perm[row_map[r]] − row_map[r]``."""
+    perm = np.asarray(perm, dtype=np.int64)
+    if row_map is None:
+        return perm
+    rm = np.asarray(row_map, dtype=np.int64)
+    return np.arange(rm.size) + perm[rm] - rm
 
 
 @dataclass(frozen=True)
@@ -31,8 +64,8 @@ class PermutationProblem:
         block: permutations must map each aligned block of ``block`` channels to itself (``block == k``: free).
         n: kept elements per group (2 for 2:4).
         m: group size along K (4 for 2:4).
-        activations: optional calibration activations ``[tokens, k]`` (canonical order) for output-aware objectives.
-        weights: optional dense weights ``[k, n_i]`` matching ``importances`` (for output-aware objectives).
+        outputs: optional, one :class:`OutputTerm` per sibling (same order as ``importances``) for the output
+            objective (:func:`permsparse.optimizer.objectives.output_loss`).
     """
 
     name: str
@@ -40,8 +73,7 @@ class PermutationProblem:
     block: int
     n: int = 2
     m: int = 4
-    activations: np.ndarray | None = None
-    weights: tuple[np.ndarray, ...] | None = None
+    outputs: tuple[OutputTerm, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.importances:
@@ -52,6 +84,29 @@ class PermutationProblem:
                 raise ValueError(f"{self.name}: every importance must be [k={k}, n_i], got {imp.shape}")
         if self.block <= 0 or k % self.block or self.block % self.m:
             raise ValueError(f"{self.name}: block {self.block} must divide k={k} and be a multiple of m={self.m}")
+        if self.outputs is not None:
+            self._check_outputs(k)
+
+    def _check_outputs(self, k: int) -> None:
+        if len(self.outputs) != len(self.importances):
+            raise ValueError(f"{self.name}: {len(self.outputs)} output terms for {len(self.importances)} siblings")
+        for i, t in enumerate(self.outputs):
+            w, h, sc = np.shape(t.weight), np.shape(t.hessian), np.shape(t.score)
+            if len(w) != 2 or sc != w or h != (w[0], w[0]):
+                raise ValueError(f"{self.name}: output term {i}: weight {w}, score {sc} and hessian {h} must be "
+                                 "[K_i, N_i], [K_i, N_i] and [K_i, K_i]")
+            if w[0] % self.m:
+                raise ValueError(f"{self.name}: output term {i}: K_i={w[0]} is not divisible by m={self.m}")
+            if t.row_map is None:
+                if w[0] != k:
+                    raise ValueError(f"{self.name}: output term {i} has K_i={w[0]} rows but no row_map (k={k})")
+                continue
+            rm = np.asarray(t.row_map)
+            if rm.shape != (w[0],) or rm.min(initial=0) < 0 or rm.max(initial=0) >= k:
+                raise ValueError(f"{self.name}: output term {i}: row_map must be [K_i={w[0]}] canonical channels < {k}")
+            if np.any((rm - np.arange(w[0])) % self.block):
+                raise ValueError(f"{self.name}: output term {i}: row_map must move whole blocks of {self.block} "
+                                 "rows (row_map[r] - r a multiple of the block)")
 
     @property
     def k(self) -> int:

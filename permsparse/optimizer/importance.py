@@ -14,6 +14,14 @@ Scores are non-negative ``float32`` arrays shaped like ``W`` (sums are taken in 
   normalizes by everything feeding output ``i``, the second by everything fed by input ``j``. In our ``[K, N]``
   layout output ``n`` is column ``n`` (sum over axis 0) and input ``k`` is row ``k`` (sum over axis 1), so
   ``RI[k, n] = |W| / colsum_n + |W| / rowsum_k``; the activation factor ``||X_k||^a`` multiplies rows.
+- ``obs`` (Optimal Brain Surgeon, as SparseGPT's mask rule): ``W_kn² / [H⁻¹]_kk`` with ``H = XᵀX + λI``
+  (``λ = damp · mean(diag H)``, :func:`permsparse.optimizer.sparsegpt.dampened_hessian`): the output error of
+  removing ``W_kn`` alone when every other weight of column n is re-fitted. Needs the Hessian ``XᵀX [K, K]`` (or the
+  diagonal of its dampened inverse) instead of ``x_norm``. It is equivariant under row permutations, so it can serve
+  as the masking score of a permutation problem (the diagonal surrogate of the error after reconstruction).
+
+Invariant: every score is a function of ``(W_kn, statistics of input channel k)`` only (plus the row/column sums of
+``|W|`` for RIA), so permuting the rows of ``W`` and the channel statistics together permutes the scores.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ from permsparse.errors import PermsparseError
 
 logger = logging.getLogger(__name__)
 
-IMPORTANCES: tuple[str, ...] = ("magnitude", "wanda", "ria")
+IMPORTANCES: tuple[str, ...] = ("magnitude", "wanda", "ria", "obs")
 """Names accepted by :func:`compute_importance`."""
 
 RIA_DEFAULT_A = 0.5
+OBS_DEFAULT_DAMP = 0.01
 
 
 def _as_weight(W: Any) -> np.ndarray:
@@ -85,17 +94,52 @@ def ria(W: np.ndarray, x_norm: np.ndarray, a: float = RIA_DEFAULT_A) -> np.ndarr
     return (rel * (x[:, None] ** float(a))).astype(np.float32)
 
 
-def compute_importance(name: str, W: np.ndarray, x_norm: np.ndarray | None = None, *, a: float = RIA_DEFAULT_A) -> np.ndarray:
-    """Importance ``name`` (one of :data:`IMPORTANCES`) of ``W [K, N]``; ``x_norm [K]`` for ``wanda``/``ria``.
+def obs(W: np.ndarray, hessian: np.ndarray | None = None, *, hinv_diag: np.ndarray | None = None,
+        damp: float = OBS_DEFAULT_DAMP) -> np.ndarray:
+    """OBS score ``W[k, n]² / [(XᵀX + λI)⁻¹]_kk`` as ``float32 [K, N]``.
+
+    Pass ``hessian [K, K] = XᵀX`` (original row order; dampened here with ``damp``) or ``hinv_diag [K]`` (already the
+    diagonal of the dampened inverse, e.g. shared by siblings reading one tensor).
+    """
+    w = _as_weight(W)
+    k = w.shape[0]
+    if hinv_diag is None:
+        if hessian is None:
+            raise PermsparseError("obs importance needs the Hessian XᵀX of the weight's input (or its inverse diagonal)")
+        h = np.asarray(hessian)
+        if h.shape != (k, k):
+            raise PermsparseError(f"obs: the Hessian is {h.shape} but the weight has K={k} input rows; pass XᵀX "
+                                  "of the tensor this weight reads (its MatMul A input)")
+        from permsparse.optimizer.sparsegpt import inverse_hessian_diag
+
+        hinv_diag = inverse_hessian_diag(h, damp)
+    d = np.asarray(hinv_diag, dtype=np.float64).reshape(-1)
+    if d.shape != (k,) or not np.all(np.isfinite(d)) or np.any(d <= 0):
+        raise PermsparseError(f"obs: the inverse-Hessian diagonal must be {k} finite positive values; "
+                              "recollect calibration statistics or raise the dampening")
+    return (np.square(w.astype(np.float64)) / d[:, None]).astype(np.float32)
+
+
+def compute_importance(name: str, W: np.ndarray, x_norm: np.ndarray | None = None, *, a: float = RIA_DEFAULT_A,
+                       hessian: np.ndarray | None = None, hinv_diag: np.ndarray | None = None,
+                       damp: float = OBS_DEFAULT_DAMP) -> np.ndarray:
+    """Importance ``name`` (one of :data:`IMPORTANCES`) of ``W [K, N]``; ``x_norm [K]`` for ``wanda``/``ria``;
+    ``hessian [K, K]`` (or ``hinv_diag [K]``) for ``obs``.
 
     Raises:
-        PermsparseError: unknown name, wrong shapes, or an activation-aware score without ``x_norm``.
+        PermsparseError: unknown name, wrong shapes, or an activation-aware score without its statistics.
     """
     key = str(name).strip().lower()
     if key not in IMPORTANCES:
         raise PermsparseError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
     if key == "magnitude":
         return magnitude(W)
+    if key == "obs":
+        if hessian is None and hinv_diag is None:
+            raise PermsparseError(
+                "importance 'obs' needs calibration data (the Hessian XᵀX of each weight's input); pass --calib DATA "
+                "(or omit it to use the built-in texts for text models), or use --importance wanda")
+        return obs(W, hessian, hinv_diag=hinv_diag, damp=damp)
     if x_norm is None:
         raise PermsparseError(
             f"importance {key!r} needs calibration data (per-channel activation norms); pass --calib DATA "

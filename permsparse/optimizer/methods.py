@@ -6,8 +6,9 @@ from dataclasses import replace
 
 from permsparse.errors import PermsparseError
 from permsparse.optimizer.base import PermutationMethod
-from permsparse.optimizer.baselines import ChannelSwapMethod, IdentityMethod, LsaMethod
+from permsparse.optimizer.baselines import IdentityMethod, LsaMethod
 from permsparse.optimizer.learned import LearnedConfig, LearnedMethod
+from permsparse.optimizer.swap import ChannelSwapMethod
 
 METHODS = ("identity", "lsa", "channel_swap", "learned")
 
