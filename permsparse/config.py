@@ -32,7 +32,7 @@ PRECISION_MODES: tuple[str, ...] = ("auto", "flags", "onnx")
 BACKENDS: tuple[str, ...] = ("ort", "torch", "tensorrt")
 SPARSE_METHODS: tuple[str, ...] = ("semi", "cutlass", "cusparselt", "cslt")
 EXPORTERS: tuple[str, ...] = ("dynamo", "legacy")
-MODEL_NAMES: tuple[str, ...] = ("minilm", "vit", "llama", "hf")
+MODEL_NAMES: tuple[str, ...] = ("minilm", "smollm2", "vit", "llama", "hf")
 MODEL_SIZES: tuple[str, ...] = ("tiny", "small", "b16", "1b")
 #: Importances that need calibration data (per-channel activation norms).
 CALIBRATED_IMPORTANCES = frozenset({"wanda", "ria"})

