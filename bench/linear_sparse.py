@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from permsparse.runtime.timing import TimingStats  # noqa: E402
-from permsparse.runtime.torch_sparse import (  # noqa: E402
+from permsparse.runtime.timing import TimingStats
+from permsparse.runtime.torch_sparse import (
     DTYPES,
     SPARSE_METHODS,
     LinearShape,

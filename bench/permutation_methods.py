@@ -22,10 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from permsparse.optimizer.base import PermutationProblem, efficacy, nm_keep_mask  # noqa: E402
-from permsparse.optimizer.learned import LearnedConfig  # noqa: E402
-from permsparse.optimizer.methods import METHODS  # noqa: E402
-from permsparse.optimizer.solve import solve_all  # noqa: E402
+from permsparse.optimizer.base import PermutationProblem, efficacy, nm_keep_mask
+from permsparse.optimizer.learned import LearnedConfig
+from permsparse.optimizer.methods import METHODS
+from permsparse.optimizer.solve import solve_all
 
 
 def minilm_problems() -> list[PermutationProblem]:

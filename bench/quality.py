@@ -29,11 +29,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench" / "peers"))
 
-from permsparse.config import OptimizeConfig  # noqa: E402
-from permsparse.data.feeds import make_feeds  # noqa: E402
-from permsparse.data.metrics import evaluate_drift  # noqa: E402
-from permsparse.pipeline import optimize  # noqa: E402
-from permsparse.summary import table  # noqa: E402
+from permsparse.config import OptimizeConfig
+from permsparse.data.feeds import make_feeds
+from permsparse.data.metrics import evaluate_drift
+from permsparse.pipeline import optimize
+from permsparse.summary import table
 
 #: label -> OptimizeConfig options (all rows: pattern 2:4, lm_head / classifier dense, seed 0)
 ROWS: dict[str, dict] = {

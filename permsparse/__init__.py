@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from permsparse.errors import Interrupted, PermsparseError, UsageError, VerificationError
+from permsparse.errors import (
+    Interrupted,
+    PermsparseError,
+    UsageError,
+    VerificationError,
+)
 
 __version__ = "0.2.0"
 

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from permsparse import __version__
+from permsparse import cli_verbs as verbs
 from permsparse.config import (
     BACKENDS,
+    CHECKS,
     EXPORTERS,
     IMPORTANCES,
     METHODS,
@@ -30,13 +32,12 @@ from permsparse.config import (
     MODEL_SIZES,
     OBJECTIVES,
     POLICIES,
-    RECONSTRUCTIONS,
-    TEACHERS,
     PRECISION_MODES,
     PRECISIONS,
+    RECONSTRUCTIONS,
     SPARSE_METHODS,
+    TEACHERS,
 )
-from permsparse import cli_verbs as verbs
 from permsparse.errors import PermsparseError, UsageError
 
 log = logging.getLogger("permsparse")
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None, help="solver processes (default: all cores)")
     p.add_argument("--seed", type=int, default=None, help="seed of every random choice (default 0)")
     p.add_argument("--rtol", type=_positive_float, default=None, help="fold check tolerance (default 1e-4)")
+    p.add_argument("--check", choices=CHECKS, default=None,
+                   help="fold check on the whole model (onnxruntime) or block by block (PyTorch, for models too big "
+                        "to hold twice); default auto")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="measure plain N:M vs the result on held-out data; write a Markdown report with plots")
     p.add_argument("--recipe", type=Path, default=None, metavar="FILE",
@@ -335,4 +339,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["UsageError", "build_parser", "main"]

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-
-from permsparse.errors import UsageError
 from typing import TYPE_CHECKING
 
+from permsparse.errors import UsageError
 from permsparse.ir.compare import DEFAULT_RTOL
 from permsparse.pattern import NMPattern
 
@@ -26,6 +25,7 @@ POLICIES: tuple[str, ...] = ("fold", "global", "local")
 OBJECTIVES: tuple[str, ...] = ("importance", "output", "block")
 RECONSTRUCTIONS: tuple[str, ...] = ("sparsegpt", "none")
 TEACHERS: tuple[str, ...] = ("dense", "local")
+CHECKS: tuple[str, ...] = ("auto", "whole", "blocks")
 #: build / bench / export.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 PRECISION_MODES: tuple[str, ...] = ("auto", "flags", "onnx")
@@ -73,6 +73,8 @@ class OptimizeConfig:
         workers: solver processes; default: all cores.
         learned: :class:`permsparse.optimizer.learned.LearnedConfig` knobs.
         recipe_perms: permutations to replay (unit name -> perm) instead of learning them (``--recipe``).
+        check: fold check: ``whole`` (the whole model on onnxruntime), ``blocks`` (block by block in PyTorch, for
+            models too big to hold twice), ``auto`` (whole unless the model is over ~4 GB in fp32); default auto.
         evaluate: after writing, measure plain N:M and the result against the dense input on held-out data
             (``--report``); default False.
         progress: progress bars; default True.
@@ -104,6 +106,7 @@ class OptimizeConfig:
     workers: int | None = None
     learned: object | None = None
     recipe_perms: Mapping[str, object] | None = None
+    check: str | None = None
     evaluate: bool | None = None
     progress: bool | None = None
 
@@ -139,6 +142,7 @@ class OptimizeConfig:
             calib_seq_len=128 if self.calib_seq_len is None else int(self.calib_seq_len),
             seed=0 if self.seed is None else int(self.seed),
             rtol=DEFAULT_RTOL if self.rtol is None else float(self.rtol),
+            check=self.check or "auto",
             evaluate=bool(self.evaluate),
             progress=True if self.progress is None else bool(self.progress),
         )
@@ -148,6 +152,7 @@ class OptimizeConfig:
         _choice("objective", c.objective, OBJECTIVES)
         _choice("reconstruct", c.reconstruct, RECONSTRUCTIONS)
         _choice("teacher", c.teacher, TEACHERS)
+        _choice("check", c.check, CHECKS)
         if c.sequential is None:
             c = replace(c, sequential=c.blockwise)
         if c.finetune_epochs < 0 or not c.finetune_lr > 0 or not 0 <= c.damp < 1:

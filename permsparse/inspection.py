@@ -46,9 +46,9 @@ class InspectResult:
 
 def inspect_model(path: str | os.PathLike[str], config: InspectConfig | None = None) -> InspectResult:
     from permsparse.ir.graph import const_index, import_graph
-    from permsparse.ir.weights import node_scopes
     from permsparse.ir.inputs import concrete_shapes, random_feeds
     from permsparse.ir.model import load_model
+    from permsparse.ir.weights import node_scopes
     from permsparse.passes.analysis import analyze
     from permsparse.passes.names import name_nodes
     from permsparse.passes.probe import probe

@@ -85,4 +85,4 @@ def check_nm(values: np.ndarray, k_axis: int, n: int, m: int) -> bool:
     return bool((counts <= n).all())
 
 
-__all__ = ["NMPattern", "DEFAULT_PATTERN", "nm_keep_mask", "check_nm"]
+__all__ = ["DEFAULT_PATTERN", "NMPattern", "check_nm", "nm_keep_mask"]

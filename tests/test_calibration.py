@@ -5,17 +5,16 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from permsparse.errors import PermsparseError
-from types import SimpleNamespace
-
 from permsparse.data import calibration, feeds, kinds, metrics, text
 from permsparse.data.calibration import CalibrationConfig, collect_activation_stats
+from permsparse.errors import PermsparseError
 from permsparse.optimizer import importance
 
 data = SimpleNamespace(make_feeds=feeds.make_feeds, lm_text_feeds=feeds.lm_text_feeds, model_kind=kinds.model_kind, vocab_size=kinds.vocab_size,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from permsparse.models import (
     load_hf_checkpoint,
     vit_config,
 )
-from permsparse.models.commands import add_export_parser
 
 EXPORTERS = ["dynamo", "legacy"]
 RTOL_SCALE = 1e-4  # max |onnx - torch| <= 1e-4 * max |torch|
@@ -250,12 +248,12 @@ def test_hf_encoder_checkpoint_is_minilm() -> None:
 
 
 def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="permsparse")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    from permsparse.cli import main
+
     out = tmp_path / "llama.onnx"
-    args = parser.parse_args(["export", "llama", "-o", str(out), "--exporter", "legacy", "--seed", "3"])
-    assert args.func(args) == 0
+    assert main(["export", "llama", "-o", str(out), "--exporter", "legacy", "--seed", "3"]) == 0
     line = capsys.readouterr().out.strip()
     assert out.is_file() and "\n" not in line and "15 MatMul weights" in line, line
-    with pytest.raises(SystemExit):
-        parser.parse_args(["export", "llama", "-o", str(out), "--exporter", "jit"])
+    with pytest.raises(SystemExit) as bad:
+        main(["export", "llama", "-o", str(tmp_path / "x.onnx"), "--exporter", "jit"])
+    assert bad.value.code == 2 and not (tmp_path / "x.onnx").exists()

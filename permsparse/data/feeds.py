@@ -27,9 +27,22 @@ import numpy as np
 import onnx
 
 from permsparse.data.images import IMAGE_EXTENSIONS, image_feeds
+from permsparse.data.kinds import (
+    KINDS,
+    batches_static,
+    load_header,
+    model_inputs,
+    model_kind,
+    vocab_size,
+)
 from permsparse.data.kinds import ids_spec as find_ids
-from permsparse.data.kinds import KINDS, batches_static, load_header, model_inputs, model_kind, vocab_size
-from permsparse.data.text import builtin_texts, ensure_pad, find_tokenizer, load_tokenizer, read_texts
+from permsparse.data.text import (
+    builtin_texts,
+    ensure_pad,
+    find_tokenizer,
+    load_tokenizer,
+    read_texts,
+)
 from permsparse.errors import PermsparseError
 from permsparse.ir.inputs import InputSpec
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from permsparse.errors import PermsparseError
 from permsparse.data.kinds import batches_static, image_spec, model_inputs
+from permsparse.errors import PermsparseError
 from permsparse.ir.inputs import InputSpec
 
 logger = logging.getLogger(__name__)

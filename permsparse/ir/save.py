@@ -27,7 +27,14 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from permsparse.errors import PermsparseError
-from permsparse.ir.external import external_info, external_path, is_external, nbytes, read_external, uses_external_data
+from permsparse.ir.external import (
+    external_info,
+    external_path,
+    is_external,
+    nbytes,
+    read_external,
+    uses_external_data,
+)
 from permsparse.ir.model import EXTERNAL_DATA_THRESHOLD, model_size_bytes
 
 log = logging.getLogger(__name__)

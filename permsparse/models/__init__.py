@@ -15,9 +15,26 @@ from permsparse.models.export import (
     summarize_onnx,
 )
 from permsparse.models.hf import LoadedModel, load_hf_checkpoint
-from permsparse.models.llama import LLAMA_PRESETS, LlamaConfig, build_llama, llama_config, llama_example_inputs
-from permsparse.models.minilm import build_minilm, load_minilm, minilm_path, minilm_tokenizer
-from permsparse.models.vit import VIT_PRESETS, ViTConfig, build_vit, vit_config, vit_example_inputs
+from permsparse.models.llama import (
+    LLAMA_PRESETS,
+    LlamaConfig,
+    build_llama,
+    llama_config,
+    llama_example_inputs,
+)
+from permsparse.models.minilm import (
+    build_minilm,
+    load_minilm,
+    minilm_path,
+    minilm_tokenizer,
+)
+from permsparse.models.vit import (
+    VIT_PRESETS,
+    ViTConfig,
+    build_vit,
+    vit_config,
+    vit_example_inputs,
+)
 
 __all__ = [
     "EXPORTERS",

@@ -324,7 +324,11 @@ def _named_model(
             ["logits"],
         )
     if name == "llama":
-        from permsparse.models.llama import build_llama, llama_config, llama_example_inputs
+        from permsparse.models.llama import (
+            build_llama,
+            llama_config,
+            llama_example_inputs,
+        )
 
         cfg = llama_config(size)
         return (

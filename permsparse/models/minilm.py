@@ -12,7 +12,12 @@ from typing import Any
 import torch
 
 from permsparse.errors import PermsparseError
-from permsparse.models.hf import EncoderWrapper, LoadedModel, import_transformers, quiet_transformers
+from permsparse.models.hf import (
+    EncoderWrapper,
+    LoadedModel,
+    import_transformers,
+    quiet_transformers,
+)
 
 logger = logging.getLogger(__name__)
 

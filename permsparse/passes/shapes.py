@@ -1,7 +1,9 @@
-"""Static shapes: ONNX shape inference with data propagation on inputs fixed to concrete sizes (no model run).
+"""Static shapes: shape inference on inputs fixed to concrete sizes, without running the model.
 
-Read-only. Works on a copy of the graph whose big initializers keep only their dims (no weight bytes are read), so
-it costs little memory even for a 7B model. Tensors whose shape stays unknown are absent from the result; callers that
+Read-only. onnxruntime's symbolic shape inference (it resolves Range, Slice and Reshape targets computed from shapes,
+which ONNX's own inference leaves unknown in torch exports), falling back to ONNX shape inference with data
+propagation. Works on a copy of the graph whose weight matrices keep only their dims (no weight bytes are read), so it
+costs little memory even for a 7B model. Tensors whose shape stays unknown are absent from the result; callers that
 need every shape (the analysis) fall back to the onnxruntime probe (:mod:`permsparse.passes.probe`).
 """
 
@@ -20,7 +22,7 @@ def _dims_only(model: onnx.ModelProto) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for init in m.graph.initializer:
-        if np.prod(list(init.dims), dtype=np.int64) > 64:
+        if len(init.dims) >= 2 and np.prod(list(init.dims), dtype=np.int64) > 4096:  # weights: dims suffice
             for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 init.ClearField(f)
             del init.external_data[:]
@@ -37,11 +39,19 @@ def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, 
             for d, v in zip(dims, input_shapes[vi.name]):
                 d.Clear()
                 d.dim_value = int(v)
+    inferred = None
     try:
-        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    except Exception as exc:  # onnx raises InferenceError and others
-        log.info("static shape inference failed: %s", exc)
-        return {}
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(m, auto_merge=True, guess_output_rank=False)
+    except Exception as exc:  # the tool raises many types on graphs it does not know
+        log.info("symbolic shape inference failed (%s); trying ONNX shape inference", str(exc)[:200])
+    if inferred is None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        except Exception as exc:  # onnx raises InferenceError and others
+            log.info("static shape inference failed: %s", exc)
+            return {}
     out: dict[str, tuple[int, ...]] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         tt = vi.type.tensor_type

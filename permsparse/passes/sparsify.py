@@ -143,4 +143,4 @@ def nm_report(graph: gs.Graph, plan: Plan) -> Mapping[str, bool]:
     return {name: check_nm(consts[w.const].values, w.k_axis, plan.n, plan.m) for name, w in plan.weights.items()}
 
 
-__all__ = ["MaskStats", "mask_weight", "apply_masks", "nm_report", "k_major", "check_nm"]
+__all__ = ["MaskStats", "apply_masks", "check_nm", "k_major", "mask_weight", "nm_report"]

@@ -26,4 +26,4 @@ def check_equivalent(
     return compare(run_outputs(reference, feeds), run_outputs(candidate, feeds), rtol)
 
 
-__all__ = ["check_equivalent", "compare", "run_outputs", "Equivalence", "DEFAULT_RTOL"]
+__all__ = ["DEFAULT_RTOL", "Equivalence", "check_equivalent", "compare", "run_outputs"]

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from permsparse.errors import PermsparseError
 from permsparse.config import BACKENDS
+from permsparse.errors import PermsparseError
 from permsparse.ir.compare import agreement
 from permsparse.ir.inputs import InputSpec, graph_inputs, random_feeds
-from permsparse.ir.shapes import ShapeSpec, derive_profiles
 from permsparse.ir.model import load_model
 from permsparse.ir.save import atomic_write_bytes, atomic_write_text
 from permsparse.ir.session import Session
+from permsparse.ir.shapes import ShapeSpec, derive_profiles
 from permsparse.runtime.timing import TimingStats, auto_inner, time_callable
 
 logger = logging.getLogger(__name__)
@@ -225,11 +225,10 @@ def _require_cuda(backend: str) -> Any:
 
 def _bench_torch(sparse_path: Path, dense_path: Path, config: BenchConfig, iters: int, warmup: int) -> BenchResult:
     _require_cuda("torch")
-    from permsparse.runtime.torch_sparse import env_info, time_linear
-    from permsparse.runtime.torch_sparse import LinearShape
     from permsparse.ir.graph import const_index, import_graph
     from permsparse.ir.weights import find_weights, weight_status
     from permsparse.passes.shapes import token_counts
+    from permsparse.runtime.torch_sparse import LinearShape, env_info, time_linear
 
     precision = config.precision or "fp16"
     if precision not in ("fp16", "bf16"):

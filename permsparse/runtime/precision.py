@@ -9,16 +9,16 @@ range, so nothing is clamped).
 from __future__ import annotations
 
 import logging
-import warnings
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from permsparse.errors import PermsparseError
 from permsparse.config import PRECISIONS
+from permsparse.errors import PermsparseError
 from permsparse.ir.model import load_model
 from permsparse.ir.save import save_model
 

@@ -22,7 +22,8 @@ from permsparse.runtime.timing import TimingStats, auto_inner, time_callable
 
 logger = logging.getLogger(__name__)
 
-from permsparse.config import SPARSE_METHODS  # noqa: E402  (the registry lives with the CLI options)
+from permsparse.config import SPARSE_METHODS
+
 DTYPES: tuple[str, ...] = ("fp16", "bf16")
 
 
@@ -192,7 +193,7 @@ def time_linear(
     else:
         w = torch.from_numpy(np.ascontiguousarray(weight_nk, dtype=np.float32)).to(dev, dt)
     x = torch.randn(shape.tokens, shape.k, generator=gen).to(dev, dt)
-    dense_fn = lambda: F.linear(x, w)  # noqa: E731
+    dense_fn = lambda: F.linear(x, w)
     ref = dense_fn().float()
     inner = auto_inner(dense_fn, cuda=True)
     dense = time_callable(dense_fn, iters=iters, warmup=warmup, cuda=True, inner=inner)

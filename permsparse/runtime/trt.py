@@ -24,20 +24,20 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from permsparse.errors import PermsparseError
 from permsparse.config import PRECISIONS
+from permsparse.errors import PermsparseError
 from permsparse.ir.inputs import graph_inputs
-from permsparse.ir.shapes import ShapeSpec, derive_profiles, format_profiles
 from permsparse.ir.model import load_model
 from permsparse.ir.save import atomic_write_bytes
+from permsparse.ir.shapes import ShapeSpec, derive_profiles, format_profiles
 from permsparse.ir.weights import MIN_SPARSE_CHANNELS, model_weight_status
+from permsparse.runtime.precision import convert_precision, model_float_type
 from permsparse.runtime.sparsity import (
     BuildReport,
     classify_layers,
     parse_sparsity_log,
     sparse_tactic_layers,
 )
-from permsparse.runtime.precision import convert_precision, model_float_type
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def build_engine(
             parse_path = Path(tmp) / f"{onnx_path.stem}.{precision}.onnx"
             logger.info("converting %s to %s for the strongly typed builder", onnx_path.name, precision)
             convert_precision(onnx_path, parse_path, precision, keep_fp32_ops=config.keep_fp32_ops)
-        log_file = open(config.log_path, "w", encoding="utf-8") if config.log_path else None  # noqa: SIM115
+        log_file = open(config.log_path, "w", encoding="utf-8") if config.log_path else None
         try:
             serialized, trt_logger, cache_bytes = _build(
                 trt, parse_path, precision, mode, sparse, profiles, config, log_file

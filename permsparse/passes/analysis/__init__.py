@@ -36,9 +36,21 @@ from permsparse.errors import PermsparseError
 from permsparse.ir.graph import const_index
 from permsparse.ir.weights import WeightInfo
 from permsparse.passes.analysis.closures import build_closure, walk
-from permsparse.passes.analysis.plan import Boundary, Closure, ConstAxis, Item, Member, Plan, TensorItem
+from permsparse.passes.analysis.plan import (
+    Boundary,
+    Closure,
+    ConstAxis,
+    Item,
+    Member,
+    Plan,
+    TensorItem,
+)
 from permsparse.passes.analysis.rules import Ctx, NodeRule, node_rule
-from permsparse.passes.analysis.weights import chain_nodes, classify_weights, weight_chains
+from permsparse.passes.analysis.weights import (
+    chain_nodes,
+    classify_weights,
+    weight_chains,
+)
 from permsparse.passes.probe import Probe
 from permsparse.pattern import NMPattern
 
@@ -107,5 +119,13 @@ def _postconditions(plan: Plan) -> None:
 
 
 __all__ = [
-    "analyze", "Plan", "Closure", "Member", "Boundary", "Item", "TensorItem", "ConstAxis", "WeightInfo",
+    "Boundary",
+    "Closure",
+    "ConstAxis",
+    "Item",
+    "Member",
+    "Plan",
+    "TensorItem",
+    "WeightInfo",
+    "analyze",
 ]

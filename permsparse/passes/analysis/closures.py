@@ -18,7 +18,14 @@ import onnx_graphsurgeon as gs
 
 from permsparse.ir.graph import WeightChain
 from permsparse.ir.weights import WeightInfo
-from permsparse.passes.analysis.plan import Boundary, Closure, ConstAxis, Item, Member, TensorItem
+from permsparse.passes.analysis.plan import (
+    Boundary,
+    Closure,
+    ConstAxis,
+    Item,
+    Member,
+    TensorItem,
+)
 from permsparse.passes.analysis.rules import Ctx, Link, NodeRule
 
 

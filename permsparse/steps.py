@@ -1,0 +1,390 @@
+"""The steps of ``optimize``, each reading and extending one :class:`Run` (the list is in :mod:`permsparse.pipeline`).
+
+Each step is small and states what it adds to the run; the promises (never write on the input, refuse a model that
+failed its checks, write atomically) are kept by :func:`load` (paths checked first), :func:`verify` and
+:func:`save`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from permsparse.config import OptimizeConfig
+from permsparse.errors import PermsparseError, VerificationError
+from permsparse.ir.compare import Equivalence, compare
+from permsparse.ir.graph import const_index, import_graph
+from permsparse.ir.inputs import concrete_shapes, random_feeds
+from permsparse.ir.model import (
+    check_input,
+    load_model,
+    model_files,
+    model_size_bytes,
+    uses_external_data,
+)
+from permsparse.ir.save import check_output, save_model, spill_constants
+from permsparse.ir.session import run_outputs
+from permsparse.ir.upcast import is_half_model, upcast_feeds, upcast_model
+from permsparse.ir.weights import node_scopes
+from permsparse.passes.analysis import Plan, analyze
+from permsparse.passes.fold import FoldResult, UnitPlan, apply_fold, plan_units
+from permsparse.passes.names import name_nodes
+from permsparse.passes.probe import Probe, probe, probe_session, static_probe
+from permsparse.passes.sparsify import (
+    MaskStats,
+    apply_masks,
+    fold_values,
+    mask_weight,
+    place_weight,
+)
+
+log = logging.getLogger(__name__)
+
+#: Above this many bytes of (fp32-widened) weights the fold check runs block by block instead of holding two models.
+WHOLE_CHECK_MAX_BYTES = 4_000_000_000
+
+
+@dataclass
+class Run:
+    """Everything one ``optimize`` run knows so far."""
+
+    src: Path
+    dst: Path | None
+    cfg: OptimizeConfig
+    model: onnx.ModelProto | None = None
+    digest: str = ""
+    external: bool = False
+    half: bool = False
+    verify_feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    probe: Probe | None = None
+    graph: gs.Graph | None = None
+    plan: Plan | None = None
+    units: UnitPlan | None = None
+    x_norms: dict[str, np.ndarray] = field(default_factory=dict)
+    perms: dict[str, np.ndarray] = field(default_factory=dict)
+    reports: list = field(default_factory=list)
+    blockwise: Any = None
+    fold: FoldResult | None = None
+    equivalence: Equivalence | None = None
+    masks: list[MaskStats] = field(default_factory=list)
+    out_model: onnx.ModelProto | None = None
+    work: Path | None = None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.src.parent
+
+    @property
+    def whole_check(self) -> bool:
+        """Fold check on the whole model (onnxruntime) — unless it cannot be held twice."""
+        size = model_size_bytes(self.model) * (2 if self.half else 1)
+        return self.cfg.check == "whole" or (self.cfg.check == "auto" and size <= WHOLE_CHECK_MAX_BYTES)
+
+
+def load(run: Run) -> None:
+    """Check the paths before any work, load the graph (weights stay on disk), refuse bad input."""
+    run.model = load_model(run.src)
+    if run.dst is not None:
+        check_output(run.dst, frozenset(model_files(run.src, run.model)))
+    check_input(run.model, run.src)
+    run.digest = _sha256(run.src)
+    run.external = uses_external_data(run.model)
+    run.half = is_half_model(run.model)
+    run.verify_feeds = _verify_feeds(run.model, run.cfg)
+
+
+def probe_shapes(run: Run) -> None:
+    """Shapes and small integer values: static inference when it resolves everything, else one onnxruntime run."""
+    feeds = random_feeds(run.model, concrete_shapes(run.model, run.cfg.shapes), seed=run.cfg.seed)
+    run.probe = static_probe(run.model, feeds)
+    if run.probe is None:
+        session = probe_session(run.model, base_dir=run.base_dir)
+        try:
+            run.probe = probe(run.model, feeds, session=session)
+        finally:
+            session.close()
+
+
+def analyze_graph(run: Run) -> None:
+    """Name nodes, find weights and closures, and decide the permutation units of the policy."""
+    cfg = run.cfg
+    run.graph = import_graph(run.model, run.base_dir)
+    name_nodes(run.graph)
+    run.plan = analyze(run.graph, run.probe, pattern=cfg.pattern, prune_head=cfg.prune_head, exclude=cfg.exclude,
+                       scopes=node_scopes(run.model))
+    if not run.plan.prunable:
+        reasons = sorted({w.reason or "" for w in run.plan.weights.values()})
+        hint = "; ".join(reasons) if reasons else "no MatMul/Gemm reads a constant 2-D weight"
+        raise PermsparseError(f"{run.src}: no prunable weights ({hint}).")
+    run.units = plan_units(run.plan, cfg.policy)
+
+
+def calibrate(run: Run, weights: list[str] | None = None) -> None:
+    """‖X_k‖₂ over calibration tokens for the input of every (given) prunable weight, on onnxruntime."""
+    from permsparse.data.calibration import CalibrationConfig, collect_activation_stats
+    from permsparse.data.feeds import make_feeds
+
+    cfg, plan = run.cfg, run.plan
+    names = sorted({plan.weights[w].input for w in (weights or plan.prunable)})
+    feeds = make_feeds(run.src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
+                       tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
+    stats = collect_activation_stats(run.src, names, feeds, CalibrationConfig(
+        samples=cfg.calib_samples, seed=cfg.seed, max_rows=0, progress=cfg.progress))
+    run.x_norms.update({name: np.asarray(s.norm, dtype=np.float64) for name, s in stats.items()})
+
+
+def importance(kind: str, wk: np.ndarray, x_norm: np.ndarray | None) -> np.ndarray:
+    from permsparse.optimizer.importance import compute_importance
+
+    return np.asarray(compute_importance(kind, np.asarray(wk, dtype=np.float32), x_norm), dtype=np.float32)
+
+
+def learn(run: Run, units: UnitPlan | None = None) -> dict[str, np.ndarray]:
+    """Every unit's permutation on the importance objective (or the recipe's permutations)."""
+    from permsparse.learn import solve_units
+
+    cfg, plan = run.cfg, run.plan
+    units = units or run.units
+    if cfg.recipe_perms is not None:
+        return replay(units, cfg)
+
+    def imp(name: str, wk: np.ndarray) -> np.ndarray:
+        return importance(cfg.importance, wk, run.x_norms.get(plan.weights[name].input))
+
+    perms, reports = solve_units(plan, units.units, const_index(run.graph), imp, method=cfg.method, seed=cfg.seed,
+                                 budget_s=cfg.budget_s, workers=cfg.workers, learned_config=cfg.learned,
+                                 progress=cfg.progress)
+    run.reports += reports
+    return perms
+
+
+def replay(units: UnitPlan, cfg: OptimizeConfig) -> dict[str, np.ndarray]:
+    """The recipe's permutations, checked against this model's units."""
+    perms: dict[str, np.ndarray] = {}
+    given = cfg.recipe_perms or {}
+    for u in units.units:
+        p = given.get(u.name)
+        if p is None:
+            raise PermsparseError(f"the recipe has no permutation for unit {u.name!r}: it was made for another model "
+                                  "or policy; run without --recipe")
+        p = np.asarray(p, dtype=np.int64)
+        if p.shape != (u.k,) or not np.array_equal(np.sort(p), np.arange(u.k)) or \
+                not np.array_equal(p // u.block, np.arange(u.k) // u.block):
+            raise PermsparseError(f"the recipe's permutation of unit {u.name!r} does not fit this model (K={u.k}, "
+                                  f"block {u.block})")
+        perms[u.name] = p
+    return perms
+
+
+def blockwise(run: Run) -> None:
+    """Calibration, permutations and reconstructed weights block by block (:mod:`permsparse.blockwise`)."""
+    from permsparse.blockwise.engine import Engine, split_units
+    from permsparse.blockwise.store import WeightStore
+    from permsparse.data.feeds import make_feeds
+    from permsparse.passes.blocks import partition
+
+    cfg, plan = run.cfg, run.plan
+    bp = partition(run.graph, plan)
+    if bp is None:
+        raise PermsparseError(
+            "no Transformer blocks found (no residual-stream tensor cuts the graph), so block-wise calibration "
+            "cannot run; use --reconstruct none --objective importance --finetune-epochs 0 --no-sequential"
+        )
+    inside, outside = split_units(plan, run.units.units, bp)
+    pre: dict[str, np.ndarray] = {}
+    if cfg.recipe_perms is not None:
+        pre = replay(run.units, cfg)
+    elif outside:
+        if cfg.importance in ("wanda", "ria"):
+            calibrate(run, [w for u in outside for w in u.weights])
+        pre = learn(run, UnitPlan(run.units.policy, outside, {}, 0))
+    dtypes = {w.name: np.dtype(np.float16) if w.dtype == "float16" else np.dtype(np.float32)
+              for w in plan.weights.values()}
+    store = WeightStore(run.work / "weights", dtypes)
+    feeds = make_feeds(run.src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
+                       tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
+    engine = Engine(run.model, run.base_dir, plan, inside, bp, const_index(run.graph), cfg, store)
+    run.blockwise = engine.run(feeds, pre, cfg.progress)
+    run.perms = run.blockwise.perms
+    run.reports += run.blockwise.unit_reports
+
+
+def fold(run: Run) -> None:
+    run.fold = apply_fold(run.graph, run.plan, run.units.units, run.perms)
+
+
+def verify(run: Run) -> None:
+    """The permuted dense model must equal the input; refuse to go on otherwise (nothing is written)."""
+    cfg, feeds = run.cfg, run.verify_feeds
+    if run.external:
+        spill_constants(run.graph, {c for c, _ in run.fold.indices}, run.work)
+        dense_path = save_model(gs.export_onnx(run.graph), run.work / "dense.onnx", external_data=True)
+        folded, folded_dir = onnx.load(str(dense_path), load_external_data=False), run.work
+    else:
+        folded, folded_dir = gs.export_onnx(run.graph), None
+    if run.whole_check:
+        if run.half:
+            reference = run_outputs(upcast_model(run.model, run.base_dir), [upcast_feeds(f) for f in feeds])
+            candidate = run_outputs(upcast_model(folded, folded_dir), [upcast_feeds(f) for f in feeds])
+        else:
+            reference = run_outputs(run.src, feeds)
+            candidate = run_outputs(folded, feeds, base_dir=folded_dir)
+        method = "whole model on onnxruntime" + (", 16-bit weights compared as fp32" if run.half else "")
+        eq = compare(reference, candidate, cfg.rtol, method)
+    else:
+        eq = _verify_blockwise(run, folded, folded_dir or run.base_dir)
+    run.equivalence = eq
+    if not eq.ok:
+        raise VerificationError(
+            f"the permuted model differs from the input (max relative error {eq.max_rel_error:.3g} on output "
+            f"{eq.worst_output!r} > {cfg.rtol:g}); nothing was written. This is a bug in permsparse: please "
+            "report it with the model, or run with --policy fold to avoid Gathers."
+        )
+
+
+def _verify_blockwise(run: Run, folded: onnx.ModelProto, folded_dir: Path) -> Equivalence:
+    from permsparse.blockwise.check import applicable, check_blockwise
+
+    bp = _partition_of(run)
+    if bp is None or not applicable(run.cfg.policy, run.fold.gathers):
+        raise PermsparseError(
+            "this model is too big to hold twice for the fold check, and it cannot be checked block by block "
+            "(no residual-stream blocks, or policy global); use --policy local (or fold), or --check whole on a "
+            "machine with more memory"
+        )
+    feeds = [random_feeds(run.model, concrete_shapes(run.model, batch=1, seq=7), seed=run.cfg.seed + 1)]
+    return check_blockwise(run.model, run.base_dir, folded, folded_dir, bp, feeds, run.cfg.rtol)
+
+
+def _partition_of(run: Run):
+    from permsparse.passes.blocks import partition
+
+    graph = import_graph(run.model, run.base_dir)
+    name_nodes(graph)
+    return partition(graph, run.plan)
+
+
+def save(run: Run) -> None:
+    """Masks (or reconstructed weights) in the folded order, the independent N:M check, provenance, atomic write."""
+    cfg, plan, fold_result, dst = run.cfg, run.plan, run.fold, run.dst
+    selected = plan.prunable
+    row_orders = {n: fold_result.indices[(plan.weights[n].const, plan.weights[n].k_axis)] for n in selected
+                  if (plan.weights[n].const, plan.weights[n].k_axis) in fold_result.indices}
+    imp = _masking_importance(run)
+    store = run.blockwise.store if run.blockwise is not None else None
+    masks: list[MaskStats] = []
+    if run.external and dst is not None:
+        transforms = {} if not cfg.mask else {
+            plan.weights[n].const: _streaming_mask(run, n, imp, row_orders.get(n), masks, store) for n in selected}
+        run.out_model = gs.export_onnx(run.graph)
+        provenance(run)
+        save_model(run.out_model, dst, external_data=True, transform=transforms)
+    else:
+        if cfg.mask:
+            consts = const_index(run.graph)
+            rebuilt = [n for n in selected if store is not None and n in store]
+            for n in rebuilt:
+                ref = consts[plan.weights[n].const]
+                final, st = place_weight(plan.weights[n], ref.values, fold_values(plan, fold_result, n, store.get(n)),
+                                         plan.pattern, row_orders.get(n))
+                ref.set_values(final)
+                masks.append(st)
+            masks += apply_masks(run.graph, plan, [n for n in selected if n not in rebuilt], imp, row_orders)
+        run.out_model = gs.export_onnx(run.graph)
+        provenance(run)
+        if dst is not None:
+            save_model(run.out_model, dst)
+    run.masks = masks
+    bad = [w for w in selected if cfg.mask and not {st.weight: st.valid for st in masks}.get(w)]
+    if bad:
+        if dst is not None:
+            dst.unlink(missing_ok=True)
+        raise VerificationError(f"{len(bad)} weights are not {cfg.pattern} after masking (e.g. {bad[0]}); "
+                                "nothing written")
+
+
+def _masking_importance(run: Run):
+    """``importance(w, W[K, N])`` for folded weights: the input norms follow the weight's rows."""
+
+    def fn(w, wk: np.ndarray) -> np.ndarray:
+        x = run.x_norms.get(w.input)
+        idx = run.fold.indices.get((w.const, w.k_axis))
+        if x is not None and idx is not None:
+            x = x[idx]
+        return importance(run.cfg.importance, wk, x)
+
+    return fn
+
+
+def _streaming_mask(run: Run, name: str, imp, row_order, sink: list[MaskStats], store):
+    plan = run.plan
+    w = plan.weights[name]
+
+    def transform(stored: np.ndarray) -> np.ndarray:
+        if store is not None and name in store:
+            masked, st = place_weight(w, stored, fold_values(plan, run.fold, name, store.get(name)), plan.pattern,
+                                      row_order)
+        else:
+            masked, st = mask_weight(w, stored, imp(w, w.k_major(stored)), plan.pattern, row_order)
+        if not st.valid:
+            raise VerificationError(f"weight {name} is not {plan.pattern} after masking; nothing written")
+        sink.append(st)
+        return masked
+
+    return transform
+
+
+def provenance(run: Run) -> None:
+    """Record in the output's ``metadata_props`` how it was made."""
+    from permsparse import __version__
+
+    cfg = run.cfg
+    props = {
+        "permsparse.version": __version__,
+        "permsparse.input": run.src.name,
+        "permsparse.input_sha256": run.digest,
+        "permsparse.pattern": str(cfg.pattern),
+        "permsparse.method": cfg.method,
+        "permsparse.policy": cfg.policy,
+        "permsparse.importance": cfg.importance,
+        "permsparse.objective": cfg.objective,
+        "permsparse.reconstruct": cfg.reconstruct,
+        "permsparse.sequential": str(cfg.sequential).lower(),
+        "permsparse.finetune_epochs": str(cfg.finetune_epochs),
+        "permsparse.seed": str(cfg.seed),
+        "permsparse.pruned_weights": str(len(run.plan.prunable)),
+        "permsparse.permutations": str(len(run.units.units)),
+        "permsparse.masked": str(cfg.mask).lower(),
+    }
+    model = run.out_model
+    keep = [p for p in model.metadata_props if not p.key.startswith("permsparse.")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def _verify_feeds(model: onnx.ModelProto, cfg: OptimizeConfig) -> list[dict[str, np.ndarray]]:
+    """Random inputs at two sizes (batch 2, two sequence lengths) unless the user fixed the shapes."""
+    if cfg.shapes:
+        shapes = concrete_shapes(model, cfg.shapes)
+        return [random_feeds(model, shapes, seed=cfg.seed + i) for i in (1, 2)]
+    return [random_feeds(model, concrete_shapes(model, batch=2, seq=seq), seed=cfg.seed + i + 1)
+            for i, seq in enumerate((5, 13))]
+
+
+def _sha256(path: Path) -> str:
+    """Hash of the input's .onnx file (graph and inline weights; external data files are named, not hashed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
