@@ -359,7 +359,7 @@ def resume_experiment(model: Path, root: Path, variant: str, workers: int | None
 
 def ray_check(model: Path, root: Path, variant: str, extra: list[str]) -> dict:
     try:
-        import ray
+        import ray  # noqa: F401
     except ImportError:
         return {"error": "ray is not installed: pip install 'permsparse[ray]'"}
     out_p, out_r = root / "out_pool" / "model.sparse.onnx", root / "out_ray" / "model.sparse.onnx"

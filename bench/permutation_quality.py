@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from permsparse.data.feeds import make_feeds
+from permsparse.data.metrics import evaluate_drift
 from permsparse.models.export import export_model
-from permsparse.optimizer.data import make_feeds
-from permsparse.optimizer.metrics import evaluate_drift
 from permsparse.pipeline import OptimizeConfig, optimize
 from permsparse.summary import table
 

@@ -51,6 +51,7 @@ ROWS: dict[str, dict] = {
     "sparsegpt-lsa": dict(method="lsa", importance="wanda", reconstruct="sparsegpt"),
     "sparsegpt-learned-output": dict(method="learned", importance="wanda", reconstruct="sparsegpt",
                                      objective="output"),
+    "sparsegpt-lsa-damp0.1": dict(method="lsa", importance="wanda", reconstruct="sparsegpt", damp=0.1),
     "sparsegpt-lsa-tuned": dict(method="lsa", importance="wanda", reconstruct="sparsegpt", finetune_epochs=4,
                                 finetune_lr=3e-4),
     "sparsegpt-identity-tuned": dict(method="identity", importance="wanda", reconstruct="sparsegpt",
@@ -149,7 +150,7 @@ def run_peers(p: Prepared, work: Path, args) -> list[list]:
     calib = np.concatenate([f["input_ids"] for f in make_feeds(str(p.dense), None, samples=args.calib_samples,
                                                                batch_size=8, seq_len=args.calib_seq, seed=0)])
     dense_val = measure(p, p.dense)["ppl_dense"]
-    for method in peers.PEER_METHODS:
+    for method in (args.peers.split(",") if args.peers else peers.PEER_METHODS):
         if not avail.get(method, "").startswith("ok"):
             out.append([p.name, method, f"not run: {avail.get(method, 'unknown')}"[:90], "-", "-", "-"])
             print(" | ".join(out[-1]), flush=True)
@@ -179,6 +180,7 @@ def main() -> int:
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--list-rows", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peers", default=None, help="comma-separated subset of the peers (default: all that can run)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=64)

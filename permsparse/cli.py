@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None, help="solver processes (default: all cores)")
     p.add_argument("--seed", type=int, default=None, help="seed of every random choice (default 0)")
     p.add_argument("--rtol", type=_positive_float, default=None, help="fold check tolerance (default 1e-4)")
+    p.add_argument("--cluster", default=None, metavar="WHERE",
+                   help="where units are solved: local (default), auto (Ray: running cluster or a local instance; "
+                        "pip install 'permsparse[ray]') or ray://HOST:PORT")
+    p.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+                   help="keep every solved unit in DIR and reuse it when the run is started again (resume)")
     p.add_argument("--check", choices=CHECKS, default=None,
                    help="fold check on the whole model (onnxruntime) or block by block (PyTorch, for models too big "
                         "to hold twice); default auto")

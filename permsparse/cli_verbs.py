@@ -50,7 +50,7 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
     given = {k: getattr(args, k) for k in ("method", "policy", "pattern", "importance", "objective", "reconstruct",
                                            "sequential", "finetune_epochs", "finetune_lr", "block_steps", "teacher", "damp",
                                            "calib", "calib_samples", "calib_seq_len", "tokenizer", "seed",
-                                           "budget_s", "workers", "rtol", "check") if getattr(args, k) is not None}
+                                           "budget_s", "workers", "rtol", "check", "cluster", "work_dir") if getattr(args, k) is not None}
     options.update(given)
     cfg = OptimizeConfig(
         **options,

@@ -75,6 +75,10 @@ class OptimizeConfig:
         recipe_perms: permutations to replay (unit name -> perm) instead of learning them (``--recipe``).
         check: fold check: ``whole`` (the whole model on onnxruntime), ``blocks`` (block by block in PyTorch, for
             models too big to hold twice), ``auto`` (whole unless the model is over ~4 GB in fp32); default auto.
+        cluster: where units are solved: ``local`` (a reusable pool of this machine's processes), ``auto`` (Ray: the
+            running cluster, else a local Ray instance) or ``ray://HOST:PORT`` (Ray client); default local.
+        work_dir: keep every solved unit there (keyed by its weights, method, options and seed) and reuse it when the
+            run is started again, e.g. after it was killed; default None (nothing kept).
         evaluate: after writing, measure plain N:M and the result against the dense input on held-out data
             (``--report``); default False.
         progress: progress bars; default True.
@@ -107,6 +111,8 @@ class OptimizeConfig:
     learned: object | None = None
     recipe_perms: Mapping[str, object] | None = None
     check: str | None = None
+    cluster: str | None = None
+    work_dir: str | None = None
     evaluate: bool | None = None
     progress: bool | None = None
 
@@ -143,6 +149,8 @@ class OptimizeConfig:
             seed=0 if self.seed is None else int(self.seed),
             rtol=DEFAULT_RTOL if self.rtol is None else float(self.rtol),
             check=self.check or "auto",
+            cluster=self.cluster or "local",
+            work_dir=None if self.work_dir is None else str(self.work_dir),
             evaluate=bool(self.evaluate),
             progress=True if self.progress is None else bool(self.progress),
         )
@@ -153,6 +161,8 @@ class OptimizeConfig:
         _choice("reconstruct", c.reconstruct, RECONSTRUCTIONS)
         _choice("teacher", c.teacher, TEACHERS)
         _choice("check", c.check, CHECKS)
+        if c.cluster not in ("local", "auto") and not c.cluster.startswith("ray://"):
+            raise UsageError(f"--cluster {c.cluster!r}: use local, auto (Ray) or ray://HOST:PORT (Ray client)")
         if c.sequential is None:
             c = replace(c, sequential=c.blockwise)
         if c.finetune_epochs < 0 or not c.finetune_lr > 0 or not 0 <= c.damp < 1:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +23,9 @@ from permsparse.optimizer.base import PermutationProblem
 from permsparse.passes.analysis import Closure, Plan
 from permsparse.passes.fold import Unit
 from permsparse.pattern import NMPattern
+
+if TYPE_CHECKING:
+    from permsparse.optimizer.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +102,37 @@ def build_problem(plan: Plan, unit: Unit, importances: Mapping[str, np.ndarray],
     return PermutationProblem(name=unit.name, importances=mats, block=unit.block, n=pattern.n, m=pattern.m)
 
 
-def solve_problems(plan: Plan, problems: list[tuple[Unit, tuple, object]], cfg) -> tuple[dict[str, np.ndarray], list[UnitReport]]:
+@dataclass
+class Solver:
+    """Where units are solved and where solved units are kept: ``executor`` None is this process's reusable local
+    pool (:func:`permsparse.optimizer.executors.shared_pool`); ``checkpoint`` None keeps nothing."""
+
+    executor: Executor | None = None
+    checkpoint: CheckpointStore | None = None
+
+
+@contextmanager
+def open_solver(cluster: str | None, work_dir: str | os.PathLike[str] | None,
+                workers: int | None = None) -> Iterator[Solver]:
+    """The :class:`Solver` of ``--cluster`` / ``--work-dir``; a Ray executor is shut down on exit."""
+    from permsparse.optimizer.checkpoint import CheckpointStore
+    from permsparse.optimizer.executors import make_executor
+
+    checkpoint = CheckpointStore(work_dir) if work_dir is not None else None
+    executor = make_executor(cluster, workers)
+    try:
+        yield Solver(executor, checkpoint)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def solve_problems(plan: Plan, problems: list[tuple[Unit, tuple, object]], cfg,
+                   solver: Solver | None = None) -> tuple[dict[str, np.ndarray], list[UnitReport]]:
     """Solve ``(unit, canonical importances, output terms or None)`` triples with ``cfg.method``."""
     from permsparse.optimizer.solve import solve_all
+
+    solver = solver or Solver()
 
     if cfg.method == "identity" or not problems:
         return {u.name: np.arange(u.k) for u, _, _ in problems}, []
@@ -107,7 +141,8 @@ def solve_problems(plan: Plan, problems: list[tuple[Unit, tuple, object]], cfg) 
         kw = {"outputs": outputs} if outputs is not None else {}
         built.append(PermutationProblem(name=u.name, importances=mats, block=u.block, n=plan.n, m=plan.m, **kw))
     results = solve_all(built, cfg.method, workers=cfg.workers, seed=cfg.seed, budget_s=None,
-                        learned_config=_learned_config(cfg), progress=False)
+                        learned_config=_learned_config(cfg), progress=False, executor=solver.executor,
+                        checkpoint=solver.checkpoint)
     perms = {u.name: np.asarray(r.perm) for (u, _, _), r in zip(problems, results)}
     reports = [UnitReport(u, r.retained_identity, r.retained, r.bound, r.efficacy, r.seconds)
                for (u, _, _), r in zip(problems, results)]
@@ -140,12 +175,14 @@ def solve_units(
     workers: int | None,
     learned_config: object | None,
     progress: bool,
+    solver: Solver | None = None,
 ) -> tuple[dict[str, np.ndarray], list[UnitReport]]:
     """Every unit's permutation, a chunk of units at a time so the importances of a big model are never all held."""
     from permsparse.optimizer.solve import solve_all
 
     if method == "identity":
         return {u.name: np.arange(u.k) for u in units}, []
+    solver = solver or Solver()
     n_workers = workers or os.cpu_count() or 1
     chunk = max(4, 2 * n_workers)
     perms: dict[str, np.ndarray] = {}
@@ -160,7 +197,8 @@ def solve_units(
         results = solve_all(
             problems, method, workers=workers, seed=seed,
             budget_s=None if per_unit is None else per_unit * len(part),
-            learned_config=learned_config, progress=progress,
+            learned_config=learned_config, progress=progress, executor=solver.executor,
+            checkpoint=solver.checkpoint,
         )
         for u, r in zip(part, results):
             perms[u.name] = np.asarray(r.perm)

@@ -62,7 +62,8 @@ def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | N
     needs them, permuted weights are spilled to a temporary data file, and masks are applied while the output is
     streamed to disk one tensor at a time.
     """
-    run = steps.Run(Path(src), Path(dst) if dst is not None else None, (config or OptimizeConfig()).resolved())
+    given = config or OptimizeConfig()
+    run = steps.Run(Path(src), Path(dst) if dst is not None else None, given.resolved())
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -80,8 +81,11 @@ def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | N
         steps.probe_shapes(run)
     with stage("analyze"):
         steps.analyze_graph(run)
-    with work_dir(run.dst.parent if run.dst is not None else None, "optimize") as run.work:
-        if run.cfg.blockwise:
+    from permsparse.learn import open_solver
+
+    with work_dir(run.dst.parent if run.dst is not None else None, "optimize") as run.work, \
+            open_solver(run.cfg.cluster, run.cfg.work_dir, run.cfg.workers) as run.solver:
+        if steps.use_blockwise(run, given):
             with stage("block-wise"):
                 steps.blockwise(run)
         else:

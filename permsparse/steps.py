@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,8 @@ class Run:
     masks: list[MaskStats] = field(default_factory=list)
     out_model: onnx.ModelProto | None = None
     work: Path | None = None
+    blocks: Any = None  # permsparse.passes.blocks.BlockPlan, once found
+    solver: Any = None  # permsparse.learn.Solver: executor and checkpoint store of this run
 
     @property
     def base_dir(self) -> Path:
@@ -160,7 +162,7 @@ def learn(run: Run, units: UnitPlan | None = None) -> dict[str, np.ndarray]:
 
     perms, reports = solve_units(plan, units.units, const_index(run.graph), imp, method=cfg.method, seed=cfg.seed,
                                  budget_s=cfg.budget_s, workers=cfg.workers, learned_config=cfg.learned,
-                                 progress=cfg.progress)
+                                 progress=cfg.progress, solver=run.solver)
     run.reports += reports
     return perms
 
@@ -183,6 +185,23 @@ def replay(units: UnitPlan, cfg: OptimizeConfig) -> dict[str, np.ndarray]:
     return perms
 
 
+def use_blockwise(run: Run, given: OptimizeConfig) -> bool:
+    """Whether this run goes block by block. A block-wise option the user gave on a model without Transformer blocks
+    is an error (in :func:`blockwise`); the defaults (reconstruction) fall back to per-weight learning with a warning."""
+    from permsparse.passes.blocks import partition
+
+    if not run.cfg.blockwise:
+        return False
+    run.blocks = partition(run.graph, run.plan)
+    asked = any(getattr(given, k) is not None for k in ("reconstruct", "objective", "finetune_epochs", "sequential"))
+    if run.blocks is None and not asked:
+        log.warning("no Transformer blocks found (no residual-stream tensor cuts the graph): weights are masked "
+                    "without reconstruction (the default --reconstruct sparsegpt needs blocks)")
+        run.cfg = replace(run.cfg, reconstruct="none", sequential=False, finetune_epochs=0)
+        return run.cfg.blockwise
+    return True
+
+
 def blockwise(run: Run) -> None:
     """Calibration, permutations and reconstructed weights block by block (:mod:`permsparse.blockwise`)."""
     from permsparse.blockwise.engine import Engine, split_units
@@ -191,7 +210,7 @@ def blockwise(run: Run) -> None:
     from permsparse.passes.blocks import partition
 
     cfg, plan = run.cfg, run.plan
-    bp = partition(run.graph, plan)
+    bp = run.blocks if run.blocks is not None else partition(run.graph, plan)
     if bp is None:
         raise PermsparseError(
             "no Transformer blocks found (no residual-stream tensor cuts the graph), so block-wise calibration "
@@ -211,6 +230,7 @@ def blockwise(run: Run) -> None:
     feeds = make_feeds(run.src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
                        tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
     engine = Engine(run.model, run.base_dir, plan, inside, bp, const_index(run.graph), cfg, store)
+    engine.solver = run.solver
     run.blockwise = engine.run(feeds, pre, cfg.progress)
     run.perms = run.blockwise.perms
     run.reports += run.blockwise.unit_reports

@@ -335,7 +335,8 @@ def test_window_helpers():
 
 @pytest.mark.parametrize("block", [128, 256])
 def test_windowed_baselines_valid_and_improve(block):
-    from permsparse.optimizer.baselines import ChannelSwapMethod, LsaMethod
+    from permsparse.optimizer.baselines import LsaMethod
+    from permsparse.optimizer.swap import ChannelSwapMethod
 
     p = structured_problem(k=256, n_cols=32, block=block, siblings=2, seed=4)
     # window_elems / columns(64) = 32 channels per window: forces the windowed code paths

@@ -374,3 +374,34 @@ def test_ray_local_instance_matches_pool_bit_for_bit():
     finally:
         ex.shutdown()
     assert same(ref, got)
+
+
+# ------------------------------------------------------------------------------------------- the optimize verb
+
+
+def test_optimize_work_dir_resumes_with_the_same_output(exported, tmp_path: Path) -> None:
+    """``--work-dir`` keeps every solved unit; a second run reuses them all and writes the same bytes."""
+    from conftest import sha256
+
+    from permsparse.cli import main
+
+    src = exported("llama", "legacy")
+    work = tmp_path / "work"
+    argv = ["--method", "lsa", "-q", "--workers", "1", "--work-dir", str(work)]
+    assert main(["optimize", str(src), "-o", str(tmp_path / "a.onnx"), *argv]) == 0
+    kept = sorted(work.glob("units/*/*.npy"))
+    assert len(kept) == 8  # llama tiny: 8 units (q/k/v, o, gate/up, down per layer)
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
+    assert main(["optimize", str(src), "-o", str(tmp_path / "b.onnx"), *argv]) == 0
+    assert {p: p.stat().st_mtime_ns for p in sorted(work.glob("units/*/*.npy"))} == stamps  # reused, not rewritten
+    assert sha256(tmp_path / "a.onnx") == sha256(tmp_path / "b.onnx")
+    plain = tmp_path / "c.onnx"
+    assert main(["optimize", str(src), "-o", str(plain), "--method", "lsa", "-q", "--workers", "1"]) == 0
+    assert sha256(plain) == sha256(tmp_path / "a.onnx")  # the checkpoint changes nothing in the result
+
+
+def test_optimize_bad_cluster_is_a_usage_error(exported, tmp_path: Path, capsys) -> None:
+    from permsparse.cli import main
+
+    code = main(["optimize", str(exported("llama", "legacy")), "-o", str(tmp_path / "o.onnx"), "--cluster", "mars"])
+    assert code == 2 and "--cluster" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -290,3 +291,15 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_readme_python_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1, "the README has one Python example"
+    monkeypatch.chdir(tmp_path)
+    out = subprocess.run([sys.executable, "-c", blocks[0]], capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "14 of 15 weights are 2:4", out.stdout  # lm_head stays dense
+    assert (tmp_path / "llama.sparse.onnx").is_file() and (tmp_path / "llama.sparse.recipe.json").is_file()

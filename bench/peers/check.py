@@ -46,7 +46,7 @@ def _evaluate_drift():
     try:
         from permsparse.data.metrics import evaluate_drift
     except ImportError:  # pragma: no cover - older layout
-        from permsparse.optimizer.metrics import evaluate_drift
+        from permsparse.data.metrics import evaluate_drift
     return evaluate_drift
 
 
@@ -54,7 +54,7 @@ def _builtin_texts(n: int, split: str) -> list[str]:
     try:
         from permsparse.data.text import builtin_texts
     except ImportError:  # pragma: no cover - older layout
-        from permsparse.optimizer.data import builtin_texts
+        from permsparse.data.text import builtin_texts
     return builtin_texts(n, split)
 
 

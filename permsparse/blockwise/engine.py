@@ -94,6 +94,7 @@ class Engine:
                  consts: Mapping[str, ConstRef], cfg: Any, store: WeightStore):
         self.model, self.base_dir, self.plan, self.bp, self.consts, self.cfg = model, base_dir, plan, bp, consts, cfg
         self.store = store
+        self.solver = None  # permsparse.learn.Solver of the run (executor, checkpoint); None: local pool, no checkpoint
         self.units = units
         self.unit_of: dict[str, Unit] = {w: u for u in units for w in u.weights}
         self.upcast = any(t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -244,7 +245,7 @@ class Engine:
                                            row_map=row_map(self.plan, u, w)) for w in u.weights)
             mats = tuple(canonical_importance(self.plan, u, w, imps[w]) for w in u.weights)
             problems.append((u, mats, outputs))
-        return solve_problems(self.plan, problems, cfg)
+        return solve_problems(self.plan, problems, cfg, self.solver)
 
     def learn_jointly(self, prog, block: Block, state: CalibState, targets, units: list[Unit], p0, wk, hessians):
         """PermLLM: refine the units' permutations jointly on the block's output (:mod:`.permllm`)."""

@@ -8,20 +8,50 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError, UsageError
 
-if TYPE_CHECKING:
-    from permsparse.ir.shapes import ShapeSpec
-
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One input's shapes: ``min``/``opt``/``max`` (equal for a fixed shape)."""
+
+    name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.min) == len(self.opt) == len(self.max)):
+            raise UsageError(f"--shapes {self.name}: min, opt and max must have the same rank")
+        for lo, mid, hi in zip(self.min, self.opt, self.max):
+            if lo < 0 or not lo <= mid <= hi:
+                raise UsageError(
+                    f"--shapes {self.name}: need 0 <= min <= opt <= max on every axis, got "
+                    f"{_fmt(self.min)},{_fmt(self.opt)},{_fmt(self.max)}"
+                )
+
+    @classmethod
+    def fixed(cls, name: str, dims: Sequence[int]) -> ShapeSpec:
+        d = tuple(int(x) for x in dims)
+        return cls(name, d, d, d)
+
+    def __str__(self) -> str:
+        if self.min == self.opt == self.max:
+            return f"{self.name}:{_fmt(self.opt)}"
+        return f"{self.name}:{_fmt(self.min)},{_fmt(self.opt)},{_fmt(self.max)}"
+
+
+def _fmt(dims: Sequence[int]) -> str:
+    return "x".join(str(d) for d in dims)
 
 Dim = int | str | None  # static size, named dynamic axis, or anonymous dynamic axis
 

@@ -12,51 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from permsparse.errors import UsageError
-from permsparse.ir.inputs import Dim, InputSpec
+from permsparse.ir.inputs import Dim, InputSpec, ShapeSpec
 
 #: Defaults (min, opt, max) for dynamic axes by name; matched case-insensitively against the dim_param.
 BATCH_DEFAULT: tuple[int, int, int] = (1, 1, 32)
 SEQUENCE_DEFAULT: tuple[int, int, int] = (1, 128, 512)
 _BATCH_RE = re.compile(r"batch|^n$|^b$|^bs$", re.IGNORECASE)
 _SEQ_RE = re.compile(r"seq|sequence|length|len|token|position|past|total|^s$|^t$", re.IGNORECASE)
-
-
-
-@dataclass(frozen=True)
-class ShapeSpec:
-    """One input's shapes: ``min``/``opt``/``max`` (equal for a fixed shape)."""
-
-    name: str
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not (len(self.min) == len(self.opt) == len(self.max)):
-            raise UsageError(f"--shapes {self.name}: min, opt and max must have the same rank")
-        for lo, mid, hi in zip(self.min, self.opt, self.max):
-            if lo < 0 or not lo <= mid <= hi:
-                raise UsageError(
-                    f"--shapes {self.name}: need 0 <= min <= opt <= max on every axis, got "
-                    f"{_fmt(self.min)},{_fmt(self.opt)},{_fmt(self.max)}"
-                )
-
-    @classmethod
-    def fixed(cls, name: str, dims: Sequence[int]) -> ShapeSpec:
-        d = tuple(int(x) for x in dims)
-        return cls(name, d, d, d)
-
-    def __str__(self) -> str:
-        if self.min == self.opt == self.max:
-            return f"{self.name}:{_fmt(self.opt)}"
-        return f"{self.name}:{_fmt(self.min)},{_fmt(self.opt)},{_fmt(self.max)}"
-
-
-def _fmt(dims: Sequence[int]) -> str:
-    return "x".join(str(d) for d in dims)
 
 
 def _parse_dims(text: str, where: str) -> tuple[int, ...]:
@@ -163,7 +127,6 @@ def merge_profile_args(
         assert opt is not None
         out[name] = ShapeSpec(name, lo.get(name, opt), opt, hi.get(name, opt))
     return out
-
 
 
 

@@ -186,3 +186,21 @@ def check_permutation(perm: np.ndarray, k: int, block: int) -> None:
         raise ValueError(f"not a permutation of {k} channels")
     if block < k and not np.array_equal(perm // block, np.arange(k) // block):
         raise ValueError(f"permutation moves channels across blocks of {block}")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """One problem's answer: ``perm`` (``new[i] = old[perm[i]]``) and how good it is.
+
+    ``seconds``: solver time when it was solved (for a reused checkpoint: the original time); ``reused``: taken from
+    a checkpoint instead of solved in this call.
+    """
+
+    name: str
+    perm: np.ndarray
+    seconds: float
+    retained_identity: float
+    retained: float
+    bound: float
+    efficacy: float
+    reused: bool = False

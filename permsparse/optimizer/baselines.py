@@ -301,12 +301,3 @@ class LsaMethod:
                               refine_rounds=self.refine_rounds, deadline=deadline, window=window)
             perm[s0 : s0 + problem.block] = s0 + local
         return best_of(problem, [perm])
-
-
-def __getattr__(name: str):
-    """The Apex channel swap lives in :mod:`permsparse.optimizer.swap`; old imports from here keep working."""
-    if name in ("ChannelSwapMethod", "channel_swap_block", "channel_swap_windowed"):
-        from permsparse.optimizer import swap
-
-        return getattr(swap, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

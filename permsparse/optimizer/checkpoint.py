@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from permsparse.optimizer.solve import SolveResult
+    from permsparse.optimizer.base import SolveResult
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class CheckpointStore:
 
     def get(self, key: str) -> SolveResult | None:
         """The stored result (``reused=True``), or None when absent or inconsistent."""
-        from permsparse.optimizer.solve import SolveResult
+        from permsparse.optimizer.base import SolveResult
 
         npy, meta = self._paths(key)
         try:

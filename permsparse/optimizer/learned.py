@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from permsparse.errors import PermsparseError
 from permsparse.optimizer.base import (
@@ -46,6 +45,7 @@ from permsparse.optimizer.baselines import (
     refine_block,
     stacked_importance,
 )
+from permsparse.optimizer.relax import hungarian, log_sinkhorn, soft_topn
 from permsparse.optimizer.swap import ChannelSwapMethod
 
 OBJECTIVES = ("importance", "output")
@@ -142,39 +142,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def log_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """Log of a (nearly) doubly-stochastic matrix from ``logits [..., w, w]`` (rows, then columns, ``iters`` times)."""
-    z = logits
-    for _ in range(iters):
-        z = z - torch.logsumexp(z, dim=-1, keepdim=True)
-        z = z - torch.logsumexp(z, dim=-2, keepdim=True)
-    return z
-
-
-def hungarian(cost: np.ndarray) -> np.ndarray:
-    """``sigma`` maximizing ``sum cost[a, sigma[a]]`` for each ``[..., w, w]`` matrix (``sigma[a]``: source row of slot a)."""
-    cost = np.asarray(cost, dtype=np.float64)
-    flat = cost.reshape(-1, cost.shape[-2], cost.shape[-1])
-    out = np.empty(flat.shape[:2], dtype=np.int64)
-    for i, c in enumerate(flat):
-        rows, cols = linear_sum_assignment(c, maximize=True)
-        out[i, rows] = cols
-    return out.reshape(cost.shape[:-1])
-
-
-def soft_topn(x: torch.Tensor, n: int, temp: torch.Tensor) -> torch.Tensor:
-    """Soft N-of-M mask of ``x [..., m, N]`` along the m axis: sigmoid((x − thr) / temp), thr between the n-th and
-    (n+1)-th largest value of each group (exactly 0/1 as temp → 0)."""
-    top = torch.topk(x, n + 1, dim=-2).values
-    thr = 0.5 * (top[..., n - 1 : n, :] + top[..., n : n + 1, :])
-    return torch.sigmoid((x - thr) / temp)
-
-
-def hard_topn(x: torch.Tensor, n: int) -> torch.Tensor:
-    idx = torch.topk(x, n, dim=-2).indices
-    return torch.zeros_like(x).scatter_(-2, idx, 1.0)
 
 
 def pick_window(block: int, window: int, m: int) -> int:

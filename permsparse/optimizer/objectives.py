@@ -257,7 +257,7 @@ class WindowBatch:
 
     def relaxed(self, p: torch.Tensor, n: int, m: int, temp: float) -> torch.Tensor:
         """Differentiable loss change ``[nw]`` for soft permutations ``p [nw, w(slot), w(channel)]``."""
-        from permsparse.optimizer.learned import soft_topn
+        from permsparse.optimizer.relax import soft_topn
 
         prunes = []
         for wg, sg, eg, gg, hg, c, ncol, colscale in self.parts:

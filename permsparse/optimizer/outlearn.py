@@ -105,7 +105,7 @@ def pair_search(state: OutputState, *, rng: np.random.Generator, sweeps: int = 4
 def _learn_windows(state: OutputState, pos: np.ndarray, cfg, gen: torch.Generator, rng: np.random.Generator,
                    deadline: float | None) -> tuple[int, int]:
     """One round of Sinkhorn learning on the windows ``pos [W, w]``; returns (steps, applied moves)."""
-    from permsparse.optimizer.learned import hungarian, log_sinkhorn
+    from permsparse.optimizer.relax import hungarian, log_sinkhorn
 
     p = state.problem
     n, m = p.n, p.m

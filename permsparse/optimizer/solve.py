@@ -41,7 +41,7 @@ from concurrent.futures import (
     wait,
 )
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ import numpy as np
 from permsparse.errors import PermsparseError
 from permsparse.optimizer.base import (
     PermutationProblem,
+    SolveResult,
     check_permutation,
     efficacy,
     retained_share,
@@ -72,24 +73,6 @@ MMAP_MIN_BYTES = 1 << 20
 #: Within such a problem, arrays of at least this many bytes are written to files (smaller ones are pickled).
 MMAP_ARRAY_MIN_BYTES = 1 << 16
 TMP_PREFIX = "permsparse-solve-"
-
-
-@dataclass(frozen=True)
-class SolveResult:
-    """One problem's answer: ``perm`` (``new[i] = old[perm[i]]``) and how good it is.
-
-    ``seconds``: solver time when it was solved (for a reused checkpoint: the original time); ``reused``: taken from
-    a checkpoint instead of solved in this call.
-    """
-
-    name: str
-    perm: np.ndarray
-    seconds: float
-    retained_identity: float
-    retained: float
-    bound: float
-    efficacy: float
-    reused: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ the task
@@ -138,7 +121,14 @@ def _solve_task(problem_or_blob: Any, method_name: str, method: Any, threads: in
             check_permutation(perm, problem.k, problem.block)
             ident = retained_share(problem, None)
             kept = retained_share(problem, perm)
-            if kept < ident:  # belt and braces: never hand back something worse than plain N:M
+            if getattr(problem, "outputs", None):  # judged by the output error the mask causes, not kept importance
+                from permsparse.optimizer.objectives import output_losses
+
+                loss_ident, loss_perm = output_losses(problem, [None, perm])
+                worse = loss_perm > loss_ident
+            else:
+                worse = kept < ident
+            if worse:  # belt and braces: never hand back something worse than plain N:M
                 perm, kept = np.arange(problem.k, dtype=np.int64), ident
             bound = unstructured_bound(problem)
     finally:

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from permsparse.errors import PermsparseError
-from permsparse.torchgraph import ops_elementwise, ops_nn, ops_tensor
+from permsparse.torchgraph import ops_elementwise, ops_nn, ops_tensor  # noqa: F401  (registers the ops)
 from permsparse.torchgraph.registry import (
     CONTROL_FLOW,
     DOMAINS,
