@@ -131,19 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("model", type=Path, help="input .onnx (never modified)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx (written atomically)")
-    p.add_argument("--method", choices=METHODS, default=None, help="permutation method (default learned)")
+    p.add_argument("--method", choices=METHODS, default=None, help="permutation method (default lsa)")
     p.add_argument("--policy", choices=POLICIES, default=None,
                    help="fold: no op added; global: one permutation per closure, Gathers at blocked boundaries; "
                         "local (default): one per sibling group, a Gather per cut")
     p.add_argument("--pattern", type=_pattern, default=None, help="N:M pattern along K (default 2:4)")
     p.add_argument("--importance", choices=IMPORTANCES, default=None,
-                   help="mask importance (default magnitude); wanda/ria calibrate on real data")
+                   help="mask importance (default wanda); wanda/ria calibrate on real data")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what permutations optimize: importance kept, each unit's output error (output), or "
                         "PermLLM's joint block output (block)")
     p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default=None,
-                   help="sparsegpt: OBS mask choice and update of the kept weights from the calibration Hessian; "
-                        "none: plain masking")
+                   help="sparsegpt (default): OBS mask choice and update of the kept weights from the calibration "
+                        "Hessian, block by block; none: plain masking")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each block on the outputs of the already pruned blocks (default: on for "
                         "block-wise runs)")

@@ -62,8 +62,10 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
         recipe_perms=recipe_perms,
         evaluate=args.report is not None,
         progress=not args.quiet,
-    ).resolved()
-    result = optimize(args.model, args.output, cfg)
+    )
+    cfg.resolved()  # bad options fail here, before any work
+    result = optimize(args.model, args.output, cfg)  # unresolved: defaults may adapt to the model, given options not
+    cfg = result.config
     from permsparse.report import quality_lines
     from permsparse.summary import optimize_summary
 

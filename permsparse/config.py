@@ -43,15 +43,17 @@ class OptimizeConfig:
     """Settings of ``permsparse optimize`` (``None`` means the default; see :meth:`resolved`).
 
     Attributes:
-        method: permutation method (:data:`METHODS`); default ``learned``.
+        method: permutation method (:data:`METHODS`); default ``lsa``.
         policy: how permutations are realized (:data:`POLICIES`); default ``local``.
         pattern: N:M pattern; default 2:4.
-        importance: mask importance (:data:`IMPORTANCES`); default ``magnitude``.
+        importance: mask importance (:data:`IMPORTANCES`); default ``wanda`` (calibrated on the
+            built-in text for text models).
         objective: what permutations optimize (:data:`OBJECTIVES`): ``importance`` kept, ``output`` (each unit's
             output error on calibration data, with the mask rule really applied), ``block`` (PermLLM: all
             permutations of a Transformer block jointly, 1 − cos of the block output); default ``importance``.
         reconstruct: ``sparsegpt`` (OBS mask choice and update of the kept weights from the calibration Hessian,
-            in the permuted order) or ``none`` (plain masking); default ``none``.
+            in the permuted order, block by block) or ``none`` (plain masking); default ``sparsegpt`` (models without
+            Transformer blocks fall back to ``none`` with a warning).
         sequential: block by block, each block calibrated on the outputs of the already pruned blocks before it;
             default True whenever calibration runs block-wise (reconstruction, output/block objectives, tuning).
         finetune_epochs: epochs of tuning the kept weights of each block with the masks frozen; default 0.
@@ -130,12 +132,12 @@ class OptimizeConfig:
         """A copy with defaults filled in; raises :class:`UsageError` on any invalid option."""
         c = replace(
             self,
-            method=self.method or "learned",
+            method=self.method or "lsa",
             policy=self.policy or "local",
             pattern=NMPattern.parse(self.pattern) if self.pattern is not None else NMPattern(),
-            importance=self.importance or "magnitude",
+            importance=self.importance or "wanda",
             objective=self.objective or "importance",
-            reconstruct=self.reconstruct or "none",
+            reconstruct=self.reconstruct or "sparsegpt",
             finetune_epochs=0 if self.finetune_epochs is None else int(self.finetune_epochs),
             finetune_lr=1e-4 if self.finetune_lr is None else float(self.finetune_lr),
             block_steps=30 if self.block_steps is None else int(self.block_steps),

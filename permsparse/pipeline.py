@@ -81,6 +81,7 @@ def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | N
         steps.probe_shapes(run)
     with stage("analyze"):
         steps.analyze_graph(run)
+    steps.fit_defaults(run, given)
     from permsparse.learn import open_solver
 
     with work_dir(run.dst.parent if run.dst is not None else None, "optimize") as run.work, \

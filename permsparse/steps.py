@@ -185,6 +185,24 @@ def replay(units: UnitPlan, cfg: OptimizeConfig) -> dict[str, np.ndarray]:
     return perms
 
 
+_CALIBRATION_OPTIONS = ("importance", "reconstruct", "objective", "finetune_epochs", "sequential", "calib")
+
+
+def fit_defaults(run: Run, given: OptimizeConfig) -> None:
+    """Defaults that need calibration data (Wanda, SparseGPT) fall back to magnitude masking, with a warning, on a
+    model whose inputs are neither token ids nor images; options the user gave are never changed (they fail later
+    with an error that says what to do)."""
+    from permsparse.data.kinds import model_kind
+
+    if not run.cfg.needs_calibration or any(getattr(given, k) is not None for k in _CALIBRATION_OPTIONS):
+        return
+    try:
+        model_kind(run.model)
+    except PermsparseError as exc:
+        log.warning("%s. Falling back to --importance magnitude --reconstruct none.", str(exc).split(", so ")[0])
+        run.cfg = replace(run.cfg, importance="magnitude", reconstruct="none", sequential=False)
+
+
 def use_blockwise(run: Run, given: OptimizeConfig) -> bool:
     """Whether this run goes block by block. A block-wise option the user gave on a model without Transformer blocks
     is an error (in :func:`blockwise`); the defaults (reconstruction) fall back to per-weight learning with a warning."""
@@ -193,7 +211,7 @@ def use_blockwise(run: Run, given: OptimizeConfig) -> bool:
     if not run.cfg.blockwise:
         return False
     run.blocks = partition(run.graph, run.plan)
-    asked = any(getattr(given, k) is not None for k in ("reconstruct", "objective", "finetune_epochs", "sequential"))
+    asked = any(getattr(given, k) is not None for k in _CALIBRATION_OPTIONS[1:5])
     if run.blocks is None and not asked:
         log.warning("no Transformer blocks found (no residual-stream tensor cuts the graph): weights are masked "
                     "without reconstruction (the default --reconstruct sparsegpt needs blocks)")

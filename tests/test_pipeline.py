@@ -19,7 +19,7 @@ from permsparse.ir.inputs import random_feeds
 from permsparse.passes.verify import check_equivalent
 from permsparse.pattern import check_nm
 
-FAST = ["--method", "lsa", "-q"]
+FAST = ["--method", "lsa", "--importance", "magnitude", "--reconstruct", "none", "-q"]  # the per-weight path
 
 
 def _weights_2d(path):
@@ -262,7 +262,8 @@ def test_learned_method_end_to_end(exported, tmp_path, capsys):
     """`--method learned` keeps the fold exact and the masks valid, and never keeps less than plain 2:4."""
     src = exported("llama", "dynamo")
     out, dense = tmp_path / "s.onnx", tmp_path / "d.onnx"
-    args = ["--method", "learned", "--learn-iters", "5", "-q", "--workers", "1"]
+    args = ["--method", "learned", "--importance", "magnitude", "--reconstruct", "none", "--learn-iters", "5", "-q",
+            "--workers", "1"]
     assert main(["optimize", str(src), "-o", str(dense), "--no-mask", *args]) == 0
     assert main(["optimize", str(src), "-o", str(out), *args]) == 0
     text = capsys.readouterr().out
@@ -290,7 +291,8 @@ def test_output_objective_end_to_end(exported, tmp_path, capsys):
     """`--objective output` calibrates activation samples, learns on them, and still folds exactly."""
     src = exported("llama", "legacy")
     out = tmp_path / "s.onnx"
-    args = ["--method", "learned", "--objective", "output", "--learn-iters", "4", "-q", "--workers", "1"]
+    args = ["--method", "learned", "--objective", "output", "--reconstruct", "none", "--learn-iters", "4", "-q",
+            "--workers", "1"]
     assert main(["optimize", str(src), "-o", str(out), *args]) == 0
     text = capsys.readouterr().out
     assert "permuted dense model equals the input" in text and "14/14 valid 2:4" in text

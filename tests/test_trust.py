@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from permsparse.cli import main
 
-FAST = ["--method", "identity", "-q", "--workers", "1"]
+FAST = ["--method", "identity", "--reconstruct", "none", "-q", "--workers", "1"]
 
 
 def _model(path: Path, *, k: int = 16, n: int = 16, nan: bool = False, inf: bool = False, external: bool = False,
@@ -109,7 +109,8 @@ def test_non_finite_weights_are_named(tmp_path, capsys, kind):
     (["--budget-s", "-5"], "must be > 0"),
     (["--workers", "0"], "must be >= 1"),
     (["--pattern", "4:2"], "0 < N < M"),
-    (["--calib", "x.txt"], "only used by calibrated importances"),
+    (["--calib", "x.txt", "--importance", "magnitude", "--reconstruct", "none"], "only used by calibrated importances"),
+    (["--cluster", "mars"], "--cluster"),
     (["--method", "magic"], "invalid choice"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, capsys, argv, message):
@@ -298,7 +299,8 @@ def test_readme_python_example_runs_as_written(tmp_path: Path, monkeypatch: pyte
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert len(blocks) == 1, "the README has one Python example"
     monkeypatch.chdir(tmp_path)
-    out = subprocess.run([sys.executable, "-c", blocks[0]], capture_output=True, text=True, timeout=600, check=False)
+    (tmp_path / "example.py").write_text(blocks[0])  # as a user would save it: a script run as __main__
+    out = subprocess.run([sys.executable, "example.py"], capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == "14 of 15 weights are 2:4", out.stdout  # lm_head stays dense

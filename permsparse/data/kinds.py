@@ -68,7 +68,8 @@ def model_kind(model: onnx.ModelProto | str | os.PathLike) -> str:
             return "image"
         raise PermsparseError(
             "cannot tell what data this model takes: no integer input_ids and no 4-D float image input "
-            f"(inputs: {[(s.name, str(s.dtype), s.shape) for s in specs]}); pass --calib-kind explicitly"
+            f"(inputs: {[(s.name, str(s.dtype), s.shape) for s in specs]}), so there is no calibration data for it; "
+            "use --importance magnitude --reconstruct none (no calibration)"
         )
     names = {s.name for s in specs}
     outputs = [o.name for o in m.graph.output]
