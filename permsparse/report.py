@@ -77,8 +77,10 @@ def quality_lines(result) -> list[str]:
     if not q:
         return []
     cfg = result.config
-    rows = [_drift_cells(f"plain {cfg.pattern} (no permutation)", q["plain"]),
-            _drift_cells(f"{cfg.pattern}, permsparse ({cfg.method})", q["result"])]
+    how = cfg.method + (" + SparseGPT" if cfg.reconstruct == "sparsegpt" else "") + \
+        (f" + tuning ({cfg.finetune_epochs} ep.)" if cfg.finetune_epochs else "")
+    rows = [_drift_cells(f"plain {cfg.pattern} (no permutation, {cfg.importance} mask)", q["plain"]),
+            _drift_cells(f"{cfg.pattern}, permsparse ({how})", q["result"])]
     return [
         "| model | output cosine | relative error | pooled cosine | perplexity |",
         "|---|---|---|---|---|",

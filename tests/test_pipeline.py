@@ -282,7 +282,7 @@ def test_report(exported, tmp_path, capsys):
     assert main(["optimize", str(src), "-o", str(tmp_path / "s.onnx"), "--report", str(report), *FAST]) == 0
     text = (report / "report.md").read_text()
     assert (report / "retained.png").stat().st_size > 1000 and (report / "efficacy.png").exists()
-    assert "plain 2:4 (no permutation)" in text and "2:4, permsparse (lsa)" in text and "perplexity" in text
+    assert "plain 2:4 (no permutation, magnitude mask)" in text and "2:4, permsparse (lsa)" in text and "perplexity" in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) >= 14
 
