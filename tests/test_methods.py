@@ -18,7 +18,6 @@ from permsparse.optimizer.base import (
     unstructured_bound,
 )
 from permsparse.optimizer.baselines import (
-    ChannelSwapMethod,
     LsaMethod,
     kept_sum,
     stacked_importance,
@@ -33,6 +32,7 @@ from permsparse.optimizer.methods import METHODS, make_method
 from permsparse.optimizer.objectives import OutputState, output_loss
 from permsparse.optimizer.outlearn import random_group_windows
 from permsparse.optimizer.solve import solve_all
+from permsparse.optimizer.swap import ChannelSwapMethod
 
 FAST = LearnedConfig(rounds=2, iterations=15, eval_every=5, refine_rounds=2, device="cpu")
 
@@ -336,7 +336,6 @@ def test_window_helpers():
 @pytest.mark.parametrize("block", [128, 256])
 def test_windowed_baselines_valid_and_improve(block):
     from permsparse.optimizer.baselines import LsaMethod
-    from permsparse.optimizer.swap import ChannelSwapMethod
 
     p = structured_problem(k=256, n_cols=32, block=block, siblings=2, seed=4)
     # window_elems / columns(64) = 32 channels per window: forces the windowed code paths
