@@ -148,17 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate each block on the outputs of the already pruned blocks (default: on for "
                         "block-wise runs)")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=None,
-                   help="epochs of tuning each block's kept weights with the masks frozen (default 0)")
+                   help="epochs of tuning each block's kept weights with the masks frozen (default 0; 4 for text encoders)")
     p.add_argument("--finetune-lr", type=_positive_float, default=None, help="learning rate of that tuning")
     p.add_argument("--block-steps", type=_positive_int, default=None,
                    help="steps of the joint block learner per block (--objective block, default 30)")
     p.add_argument("--teacher", choices=TEACHERS, default=None,
                    help="block targets: the dense model's outputs (dense) or the dense block on the pruned stream")
-    p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening (share of mean diag H, default 0.01)")
+    p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening (share of mean diag H, default 0.1)")
     p.add_argument("--calib", default=None, metavar="DATA",
                    help="calibration data: text file, .json/.jsonl, folder of .txt, token ids (.npy/.txt), images "
                         "(default: built-in real Wikipedia text for text models)")
-    p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration examples (default 32)")
+    p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration examples (default 32; 128 for text encoders)")
     p.add_argument("--calib-seq-len", type=_positive_int, default=None, help="tokens per example (default 128)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder (default: the one beside the model, else the built-in one)")

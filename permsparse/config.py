@@ -56,12 +56,14 @@ class OptimizeConfig:
             Transformer blocks fall back to ``none`` with a warning).
         sequential: block by block, each block calibrated on the outputs of the already pruned blocks before it;
             default True whenever calibration runs block-wise (reconstruction, output/block objectives, tuning).
-        finetune_epochs: epochs of tuning the kept weights of each block with the masks frozen; default 0.
+        finetune_epochs: epochs of tuning the kept weights of each block with the masks frozen; default 0 (4 for
+            text encoders, with 128 calibration texts, when no calibration option is given).
         finetune_lr: Adam learning rate of that tuning; default 1e-4.
         block_steps: optimizer steps of the joint block learner (``objective="block"``) per block; default 30.
         teacher: target of block-wise steps: ``dense`` (the dense model's own block outputs, so later blocks
             compensate earlier errors) or ``local`` (the dense block applied to the pruned stream); default dense.
-        damp: SparseGPT dampening, a share of mean(diag H); default 0.01.
+        damp: SparseGPT dampening, a share of mean(diag H); default 0.1 (0.01 overfits the few calibration tokens:
+            MiniLM pooled cosine 0.848 at 0.01 vs 0.859 at 0.1).
         mask: apply the masks (``False`` writes the permuted dense model); default True.
         prune_head: also prune weights that write a graph output; default False.
         exclude: regular expressions of weights kept dense.
@@ -142,7 +144,7 @@ class OptimizeConfig:
             finetune_lr=1e-4 if self.finetune_lr is None else float(self.finetune_lr),
             block_steps=30 if self.block_steps is None else int(self.block_steps),
             teacher=self.teacher or "dense",
-            damp=0.01 if self.damp is None else float(self.damp),
+            damp=0.1 if self.damp is None else float(self.damp),
             mask=True if self.mask is None else bool(self.mask),
             prune_head=bool(self.prune_head),
             exclude=tuple(self.exclude or ()),

@@ -137,7 +137,7 @@ def test_importance_hand_cases():
     expect = np.array([[1 / 2 + 1 / 3, 1 / 2 + 1 / 5], [0, 0], [1 + 2 / 3, 0], [0, 1 + 4 / 5]])
     np.testing.assert_allclose(r, expect, rtol=1e-6)
     np.testing.assert_allclose(importance.compute_importance("wanda", W, x), importance.wanda(W, x))
-    assert importance.IMPORTANCES == ("magnitude", "wanda", "ria")
+    assert importance.IMPORTANCES == ("magnitude", "wanda", "ria", "obs")
     with pytest.raises(PermsparseError, match="needs calibration data"):
         importance.compute_importance("ria", W)
     with pytest.raises(PermsparseError, match="choose one of"):
