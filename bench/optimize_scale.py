@@ -22,8 +22,9 @@ reuse every stored unit and write an output byte-identical to A's; the seconds s
 ``--ray-check``: the same variant with ``--workers 2`` on the local pool and on a 2-CPU local Ray instance; the outputs
 (hence every permutation) must be byte-identical.
 
-Until ``optimize`` has ``--work-dir`` / ``--cluster`` itself, both experiments run the real CLI in a small driver
-(``python bench/optimize_scale.py _driver ...``) that hands ``solve_all`` a CheckpointStore / RayExecutor.
+Both experiments use ``optimize --work-dir`` / ``--cluster`` when the CLI has them (it does since 0.2.0); with an
+older CLI they run it in a small driver (``python bench/optimize_scale.py _driver ...``) that hands ``solve_all`` a
+CheckpointStore / RayExecutor.
 
     python bench/optimize_scale.py --size 1b --variants identity+magnitude,lsa+wanda --workdir /tmp/perm1b
     python bench/optimize_scale.py --size 7b --variants identity+magnitude --workdir /tmp/perm7b --delete-model
