@@ -53,9 +53,9 @@ SIZES = {
 }
 DEFAULT_DTYPE = {"tiny": "float32", "1b": "float32", "7b": "float16"}
 VARIANTS = {
-    "identity+magnitude": ["--method", "identity", "--importance", "magnitude"],
-    "lsa+wanda": ["--method", "lsa", "--importance", "wanda"],
-    "lsa+magnitude": ["--method", "lsa", "--importance", "magnitude"],
+    "identity+magnitude": ["--method", "identity", "--importance", "magnitude", "--reconstruct", "none"],
+    "lsa+wanda": ["--method", "lsa", "--importance", "wanda", "--reconstruct", "none"],
+    "lsa+magnitude": ["--method", "lsa", "--importance", "magnitude", "--reconstruct", "none"],
     "default": [],
 }
 HERE = Path(__file__).resolve()

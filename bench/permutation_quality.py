@@ -40,8 +40,8 @@ def run_model(name: str, methods: list[str], work: Path, samples: int, budget: f
     feeds = make_feeds(str(src), None, samples=samples, batch_size=8, seq_len=128, seed=1, split="heldout")
     rows = []
     for method in methods:
-        cfg = OptimizeConfig(method=method, importance=setup["importance"], policy="local", progress=False,
-                             budget_s=budget)
+        cfg = OptimizeConfig(method=method, importance=setup["importance"], policy="local", reconstruct="none",
+                             progress=False, budget_s=budget)  # permutations alone, no reconstruction
         out = work / f"{name}.{method}.onnx"
         t = time.perf_counter()
         res = optimize(src, out, cfg)
