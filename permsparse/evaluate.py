@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from permsparse.config import CALIBRATED_IMPORTANCES
+
 log = logging.getLogger(__name__)
 
 HELDOUT_SAMPLES = 64
@@ -35,8 +37,10 @@ def plain_nm_model(src: Path, result: Any, dst: Path) -> Path:
     plan = result.plan
     x_norms = dict(result.x_norms)
     missing = sorted({plan.weights[n].input for n in result.selected} - set(x_norms))
-    if cfg.importance in ("wanda", "ria") and missing:  # block-wise runs keep Hessians, not the dense ‖X‖
-        x_norms.update(_dense_norms(src, missing, cfg))
+    if cfg.importance in CALIBRATED_IMPORTANCES and missing:  # block-wise runs keep Hessians, not the dense ‖X‖
+        from permsparse.steps import input_norms
+
+        x_norms.update(input_norms(src, missing, cfg, progress=False))
     model = load_model(src, check=False)
     graph = import_graph(model, src.parent)
     name_nodes(graph)
@@ -54,18 +58,6 @@ def plain_nm_model(src: Path, result: Any, dst: Path) -> Path:
     transforms = {c: masker(w) for c, w in by_const.items()}
     save_model(gs.export_onnx(graph), dst, external_data=True, base_dir=src.parent, transform=transforms)
     return dst
-
-
-def _dense_norms(src: Path, names: list[str], cfg: Any) -> dict[str, np.ndarray]:
-    """‖X_k‖₂ of the dense model's tensors ``names`` on the calibration data, as plain Wanda/RIA computes them."""
-    from permsparse.data.calibration import CalibrationConfig, collect_activation_stats
-    from permsparse.data.feeds import make_feeds
-
-    feeds = make_feeds(src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
-                       tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
-    stats = collect_activation_stats(src, names, feeds, CalibrationConfig(
-        samples=cfg.calib_samples, seed=cfg.seed, max_rows=0, progress=False))
-    return {name: np.asarray(s.norm, dtype=np.float64) for name, s in stats.items()}
 
 
 def evaluate_quality(src: Path, output: Path, result: Any, work: Path) -> dict[str, dict[str, Any]]:

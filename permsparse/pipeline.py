@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 
 from permsparse import steps
-from permsparse.config import OptimizeConfig
+from permsparse.config import CALIBRATED_IMPORTANCES, OptimizeConfig
 from permsparse.ir.compare import Equivalence
 from permsparse.ir.save import work_dir
-from permsparse.learn import UnitReport
+from permsparse.learn import UnitReport, open_solver
 from permsparse.passes.analysis import Plan
 from permsparse.passes.fold import FoldResult, UnitPlan
 from permsparse.passes.sparsify import MaskStats
@@ -82,15 +82,13 @@ def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | N
     with stage("analyze"):
         steps.analyze_graph(run)
     steps.fit_defaults(run, given)
-    from permsparse.learn import open_solver
-
     with work_dir(run.dst.parent if run.dst is not None else None, "optimize") as run.work, \
             open_solver(run.cfg.cluster, run.cfg.work_dir, run.cfg.workers) as run.solver:
         if steps.use_blockwise(run, given):
             with stage("block-wise"):
                 steps.blockwise(run)
         else:
-            if run.cfg.importance in ("wanda", "ria"):
+            if run.cfg.importance in CALIBRATED_IMPORTANCES:
                 with stage("calibrate"):
                     steps.calibrate(run)
             with stage("learn"):

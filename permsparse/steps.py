@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from permsparse.config import OptimizeConfig
+from permsparse.config import CALIBRATED_IMPORTANCES, OptimizeConfig
 from permsparse.errors import PermsparseError, VerificationError
 from permsparse.ir.compare import Equivalence, compare
 from permsparse.ir.graph import const_index, import_graph
@@ -130,16 +130,21 @@ def analyze_graph(run: Run) -> None:
 
 def calibrate(run: Run, weights: list[str] | None = None) -> None:
     """‖X_k‖₂ over calibration tokens for the input of every (given) prunable weight, on onnxruntime."""
+    names = sorted({run.plan.weights[w].input for w in (weights or run.plan.prunable)})
+    run.x_norms.update(input_norms(run.src, names, run.cfg))
+
+
+def input_norms(src: Path, names: list[str], cfg: OptimizeConfig, progress: bool | None = None
+                ) -> dict[str, np.ndarray]:
+    """‖X_k‖₂ of the tensors ``names`` of model ``src`` over the calibration data of ``cfg`` (onnxruntime)."""
     from permsparse.data.calibration import CalibrationConfig, collect_activation_stats
     from permsparse.data.feeds import make_feeds
 
-    cfg, plan = run.cfg, run.plan
-    names = sorted({plan.weights[w].input for w in (weights or plan.prunable)})
-    feeds = make_feeds(run.src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
+    feeds = make_feeds(src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
                        tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
-    stats = collect_activation_stats(run.src, names, feeds, CalibrationConfig(
-        samples=cfg.calib_samples, seed=cfg.seed, max_rows=0, progress=cfg.progress))
-    run.x_norms.update({name: np.asarray(s.norm, dtype=np.float64) for name, s in stats.items()})
+    stats = collect_activation_stats(src, names, feeds, CalibrationConfig(
+        samples=cfg.calib_samples, seed=cfg.seed, max_rows=0, progress=cfg.progress if progress is None else progress))
+    return {name: np.asarray(s.norm, dtype=np.float64) for name, s in stats.items()}
 
 
 def importance(kind: str, wk: np.ndarray, x_norm: np.ndarray | None) -> np.ndarray:
@@ -252,7 +257,7 @@ def blockwise(run: Run) -> None:
     if cfg.recipe_perms is not None:
         pre = replay(run.units, cfg)
     elif outside:
-        if cfg.importance in ("wanda", "ria"):
+        if cfg.importance in CALIBRATED_IMPORTANCES:
             calibrate(run, [w for u in outside for w in u.weights])
         pre = learn(run, UnitPlan(run.units.policy, outside, {}, 0))
     dtypes = {w.name: np.dtype(np.float16) if w.dtype == "float16" else np.dtype(np.float32)

@@ -197,11 +197,8 @@ def load_hf_checkpoint(
     """
     if task not in TASKS:
         raise PermsparseError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    path, gguf_file = _check_directory(directory)
-    transformers = import_transformers()
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
+    path, transformers, kwargs = _pretrained_args(directory)
+    gguf_file = kwargs.get("gguf_file")
     try:
         with quiet_transformers():
             config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
@@ -267,17 +264,23 @@ def load_hf_checkpoint(
     )
 
 
+def _pretrained_args(directory: str | os.PathLike[str]) -> tuple[Path, Any, dict[str, Any]]:
+    """The checked folder, the transformers module and the ``from_pretrained`` keyword arguments (offline; the GGUF
+    file when the folder holds one)."""
+    path, gguf_file = _check_directory(directory)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    return path, import_transformers(), kwargs
+
+
 def save_tokenizer_beside(hf_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str]) -> Path | None:
     """Write the checkpoint's tokenizer beside an exported ONNX file (as Optimum does), unless one is there already,
     so ``optimize`` calibrates with the model's own tokenizer. Returns the folder, or None when there is none."""
     out = Path(onnx_path).resolve().parent
     if any((out / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
-    path, gguf_file = _check_directory(hf_dir)
-    transformers = import_transformers()
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
+    path, transformers, kwargs = _pretrained_args(hf_dir)
     try:
         with quiet_transformers():
             tok = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)

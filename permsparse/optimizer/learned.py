@@ -45,7 +45,12 @@ from permsparse.optimizer.baselines import (
     refine_block,
     stacked_importance,
 )
-from permsparse.optimizer.relax import hungarian, log_sinkhorn, soft_topn
+from permsparse.optimizer.relax import (
+    hungarian,
+    log_sinkhorn,
+    sample_roundings,
+    soft_topn,
+)
 from permsparse.optimizer.swap import ChannelSwapMethod
 
 OBJECTIVES = ("importance", "output")
@@ -263,14 +268,8 @@ class LearnedMethod:
                 steps_done += 1
                 last = it == cfg.iterations - 1
                 if (it + 1) % cfg.eval_every == 0 or last:
-                    c_np = cost.detach().cpu().numpy().astype(np.float64)
-                    spread = c_np.max(axis=(1, 2), keepdims=True) - c_np.min(axis=(1, 2), keepdims=True) + 1e-12
-                    # many stochastic hard roundings (Gumbel on the costs, graded noise levels) + the plain one,
-                    # all scored exactly
-                    levels = (np.arange(cfg.samples) / max(1, cfg.samples - 1))[:, None, None, None]
-                    gum_np = rng.gumbel(size=(cfg.samples, nw, w, w)) * (cfg.sample_noise * spread * levels)
-                    gum_np[0] = 0.0
-                    sigs = hungarian(c_np[None] + gum_np)  # [S, W, w]
+                    # many stochastic hard roundings + the plain one, all scored exactly
+                    sigs = sample_roundings(cost.detach().cpu().numpy(), cfg.samples, cfg.sample_noise, rng)
                     vals = np.concatenate([exact(sigs[i : i + 4]) for i in range(0, cfg.samples, 4)])  # [S, W]
                     top = vals.argmax(axis=0)
                     val = vals[top, np.arange(nw)]

@@ -105,7 +105,7 @@ def pair_search(state: OutputState, *, rng: np.random.Generator, sweeps: int = 4
 def _learn_windows(state: OutputState, pos: np.ndarray, cfg, gen: torch.Generator, rng: np.random.Generator,
                    deadline: float | None) -> tuple[int, int]:
     """One round of Sinkhorn learning on the windows ``pos [W, w]``; returns (steps, applied moves)."""
-    from permsparse.optimizer.relax import hungarian, log_sinkhorn
+    from permsparse.optimizer.relax import log_sinkhorn, sample_roundings
 
     p = state.problem
     n, m = p.n, p.m
@@ -134,12 +134,7 @@ def _learn_windows(state: OutputState, pos: np.ndarray, cfg, gen: torch.Generato
         opt.step()
         steps += 1
         if (it + 1) % cfg.eval_every == 0 or it == cfg.iterations - 1:
-            c_np = cost.detach().cpu().numpy().astype(np.float64)
-            spread = c_np.max(axis=(1, 2), keepdims=True) - c_np.min(axis=(1, 2), keepdims=True) + 1e-12
-            levels = (np.arange(cfg.samples) / max(1, cfg.samples - 1))[:, None, None, None]
-            gum_np = rng.gumbel(size=(cfg.samples, nw, w, w)) * (cfg.sample_noise * spread * levels)
-            gum_np[0] = 0.0
-            sigs = hungarian(c_np[None] + gum_np)  # [S, W, w]
+            sigs = sample_roundings(cost.detach().cpu().numpy(), cfg.samples, cfg.sample_noise, rng)  # [S, W, w]
             with torch.no_grad():
                 vals = torch.cat([wb.exact(torch.as_tensor(sigs[i : i + chunk], device=dev), n, m)
                                   for i in range(0, cfg.samples, chunk)]).double().cpu().numpy()  # [S, W]

@@ -39,3 +39,14 @@ def soft_topn(x: torch.Tensor, n: int, temp: torch.Tensor) -> torch.Tensor:
 def hard_topn(x: torch.Tensor, n: int) -> torch.Tensor:
     idx = torch.topk(x, n, dim=-2).indices
     return torch.zeros_like(x).scatter_(-2, idx, 1.0)
+
+
+def sample_roundings(cost: np.ndarray, samples: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """``samples`` hard roundings of learned costs ``[W, w, w]`` by Hungarian: the plain one first, then with Gumbel
+    noise on the costs at graded levels (up to ``noise`` × each window's cost spread). Returns ``sigma [S, W, w]``."""
+    c = np.asarray(cost, dtype=np.float64)
+    spread = c.max(axis=(1, 2), keepdims=True) - c.min(axis=(1, 2), keepdims=True) + 1e-12
+    levels = (np.arange(samples) / max(1, samples - 1))[:, None, None, None]
+    gum = rng.gumbel(size=(samples, *c.shape)) * (noise * spread * levels)
+    gum[0] = 0.0
+    return hungarian(c[None] + gum)
