@@ -77,8 +77,9 @@ class OptimizeConfig:
         workers: solver processes; default: all cores.
         learned: :class:`permsparse.optimizer.learned.LearnedConfig` knobs.
         recipe_perms: permutations to replay (unit name -> perm) instead of learning them (``--recipe``).
-        check: fold check: ``whole`` (the whole model on onnxruntime), ``blocks`` (block by block in PyTorch, for
-            models too big to hold twice), ``auto`` (whole unless the model is over ~4 GB in fp32); default auto.
+        check: how the model is run for the fold check and the Wanda/RIA calibration: ``whole`` (the whole model on
+            onnxruntime), ``blocks`` (block by block in PyTorch, for models too big to hold twice), ``auto`` (whole
+            unless the model is over ~4 GB in fp32); default auto.
         cluster: where units are solved: ``local`` (a reusable pool of this machine's processes), ``auto`` (Ray: the
             running cluster, else a local Ray instance) or ``ray://HOST:PORT`` (Ray client); default local.
         work_dir: keep every solved unit there (keyed by its weights, method, options and seed) and reuse it when the

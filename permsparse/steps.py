@@ -129,9 +129,25 @@ def analyze_graph(run: Run) -> None:
 
 
 def calibrate(run: Run, weights: list[str] | None = None) -> None:
-    """‖X_k‖₂ over calibration tokens for the input of every (given) prunable weight, on onnxruntime."""
+    """‖X_k‖₂ over calibration tokens for the input of every (given) prunable weight: the whole model on
+    onnxruntime, or block by block in PyTorch when the model is too big to run whole (as for the fold check)."""
     names = sorted({run.plan.weights[w].input for w in (weights or run.plan.prunable)})
-    run.x_norms.update(input_norms(run.src, names, run.cfg))
+    if run.whole_check:
+        run.x_norms.update(input_norms(run.src, names, run.cfg))
+        return
+    from permsparse.blockwise.norms import block_input_norms
+    from permsparse.data.feeds import make_feeds
+
+    bp = _partition_of(run)
+    if bp is None:
+        raise PermsparseError(
+            "this model is too big to run whole for calibration, and it has no residual-stream blocks to run one at "
+            "a time; use --importance magnitude (no calibration), or --check whole on a machine with more memory"
+        )
+    cfg = run.cfg
+    feeds = make_feeds(run.src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
+                       tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
+    run.x_norms.update(block_input_norms(run.model, run.base_dir, bp, names, feeds, cfg.calib_samples, cfg.progress))
 
 
 def input_norms(src: Path, names: list[str], cfg: OptimizeConfig, progress: bool | None = None
@@ -281,8 +297,10 @@ def verify(run: Run) -> None:
     cfg, feeds = run.cfg, run.verify_feeds
     if run.external:
         spill_constants(run.graph, {c for c, _ in run.fold.indices}, run.work)
-        dense_path = save_model(gs.export_onnx(run.graph), run.work / "dense.onnx", external_data=True)
-        folded, folded_dir = onnx.load(str(dense_path), load_external_data=False), run.work
+        folded, folded_dir = gs.export_onnx(run.graph), run.work  # weights referenced where they lie, by absolute path
+        if run.whole_check:  # onnxruntime wants the data beside the model
+            folded = onnx.load(str(save_model(folded, run.work / "dense.onnx", external_data=True)),
+                               load_external_data=False)
     else:
         folded, folded_dir = gs.export_onnx(run.graph), None
     if run.whole_check:
@@ -367,7 +385,10 @@ def save(run: Run) -> None:
 
 
 def _masking_importance(run: Run):
-    """``importance(w, W[K, N])`` for folded weights: the input norms follow the weight's rows."""
+    """``importance(w, W[K, N])`` for folded weights (the input norms follow the weight's rows); None for magnitude."""
+
+    if run.cfg.importance == "magnitude":
+        return None  # mask_weight's default: |W|
 
     def fn(w, wk: np.ndarray) -> np.ndarray:
         x = run.x_norms.get(w.input)
@@ -388,7 +409,7 @@ def _streaming_mask(run: Run, name: str, imp, row_order, sink: list[MaskStats], 
             masked, st = place_weight(w, stored, fold_values(plan, run.fold, name, store.get(name)), plan.pattern,
                                       row_order)
         else:
-            masked, st = mask_weight(w, stored, imp(w, w.k_major(stored)), plan.pattern, row_order)
+            masked, st = mask_weight(w, stored, imp(w, w.k_major(stored)) if imp else None, plan.pattern, row_order)
         if not st.valid:
             raise VerificationError(f"weight {name} is not {plan.pattern} after masking; nothing written")
         sink.append(st)

@@ -163,3 +163,43 @@ def test_check_nm_by_hand():
     assert not check_nm(w, 0, 2, 4)
     assert check_nm(w.T, 1, 3, 4)
     assert not check_nm(np.ones((6, 2)), 0, 2, 4)  # K not divisible by M
+
+
+def _assert_same_probe(static, ran):
+    assert static is not None and static.method == "static shape inference"
+    assert {k: v for k, v in ran.shapes.items() if k in static.shapes} == {k: static.shapes[k] for k in ran.shapes
+                                                                          if k in static.shapes}
+    assert set(ran.shapes) <= set(static.shapes)
+    for k, v in static.values.items():
+        if k in ran.values:
+            np.testing.assert_array_equal(v, ran.values[k])
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_static_probe_agrees_with_onnxruntime(exported, name, exporter):
+    """Shapes (and the integers the rules read) from static inference equal those of an onnxruntime run."""
+    from permsparse.passes.probe import static_probe
+
+    model = onnx.load(str(exported(name, exporter)))
+    feeds = random_feeds(model, resolve_shapes(model))
+    static = static_probe(model, feeds)
+    if static is None:
+        pytest.skip(f"static inference does not resolve {name}/{exporter}; the onnxruntime probe is used")
+    _assert_same_probe(static, probe(model, feeds))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_static_probe_on_external_weights_reads_no_weight(tmp_path, dtype):
+    """An LLM with every weight in external data gets its shapes statically (the 7B path never runs the model for
+    shapes); the data file is not even needed."""
+    from permsparse.models.synthetic import write_llama
+    from permsparse.passes.probe import static_probe
+
+    path = write_llama(tmp_path / "m.onnx", layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256,
+                       dtype=dtype)
+    model = onnx.load(str(path), load_external_data=False)
+    feeds = random_feeds(model, resolve_shapes(model))
+    ran = probe(model, feeds, base_dir=tmp_path)
+    (tmp_path / "m.onnx.data").rename(tmp_path / "elsewhere.data")
+    _assert_same_probe(static_probe(model, feeds), ran)

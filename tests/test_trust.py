@@ -305,3 +305,30 @@ def test_readme_python_example_runs_as_written(tmp_path: Path, monkeypatch: pyte
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == "14 of 15 weights are 2:4", out.stdout  # lm_head stays dense
     assert (tmp_path / "llama.sparse.onnx").is_file() and (tmp_path / "llama.sparse.recipe.json").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_non_finite_16bit_weights_are_found(dtype, bad):
+    """16-bit weights are checked on their exponent bits (fast at 7B); NaN, +Inf and -Inf are all caught, and the
+    largest finite values are not."""
+    import ml_dtypes
+    from onnx import helper, numpy_helper
+
+    from permsparse.errors import PermsparseError
+    from permsparse.ir.model import check_finite
+
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    w = np.linspace(-1, 1, 64, dtype=np.float32).astype(np_dtype).reshape(8, 8)
+    info = np.finfo(np_dtype) if dtype == "float16" else ml_dtypes.finfo(np_dtype)
+    w[0, 0], w[0, 1] = info.max, info.min
+    if bad is not None:
+        w[5, 3] = bad
+    tensor = numpy_helper.from_array(w, "w")
+    assert tensor.data_type == (onnx.TensorProto.FLOAT16 if dtype == "float16" else onnx.TensorProto.BFLOAT16)
+    model = helper.make_model(helper.make_graph([], "g", [], [], initializer=[tensor]))
+    if bad is None:
+        check_finite(model, None, "m.onnx")
+    else:
+        with pytest.raises(PermsparseError, match="'w' holds 1 NaN/Inf"):
+            check_finite(model, None, "m.onnx")

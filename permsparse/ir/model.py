@@ -33,6 +33,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 #: Weight types permsparse prunes (numeric work in float32/float64, rounded once to the stored type on write).
 FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+_EXPONENT_BITS = {TensorProto.FLOAT16: np.uint16(0x7C00), TensorProto.BFLOAT16: np.uint16(0x7F80)}
 
 
 def load_model(path: str | os.PathLike[str], *, lazy: bool = True, check: bool = True) -> onnx.ModelProto:
@@ -127,10 +128,15 @@ def check_finite(model: onnx.ModelProto, base_dir: str | os.PathLike[str] | None
         if t.data_type not in FLOAT_TYPES and t.data_type != TensorProto.DOUBLE:
             continue
         values = weight_values(t, base_dir).reshape(-1)
+        exponent = _EXPONENT_BITS.get(t.data_type)  # 16-bit floats: all-ones exponent bits <=> NaN/Inf
         step = 1 << 24
         for start in range(0, values.size, step):
-            chunk = np.asarray(values[start:start + step], dtype=np.float32)
-            if not np.isfinite(chunk).all():
+            chunk = np.asarray(values[start:start + step])
+            if exponent is not None:
+                finite = not ((chunk.view(np.uint16) & exponent) == exponent).any()
+            else:
+                finite = bool(np.isfinite(chunk).all())
+            if not finite:
                 bad = int(np.count_nonzero(~np.isfinite(values.astype(np.float32))))
                 raise PermsparseError(
                     f"{what}: weight {t.name!r} holds {bad} NaN/Inf value(s); a model with non-finite weights cannot "

@@ -193,7 +193,7 @@ def _write_streaming(model, data_path: Path, data_name: str, base_dir, transform
             external = is_external(t)
             fn = transform.get(t.name)
             if fn is not None:
-                arr = read_external(t, base_dir) if external else numpy_helper.to_array(t)
+                arr = read_external(t, base_dir, mmap=False) if external else numpy_helper.to_array(t)
                 new = numpy_helper.from_array(np.ascontiguousarray(fn(arr)), t.name)
                 payload: bytes | None = new.raw_data
                 t.ClearField("dims")

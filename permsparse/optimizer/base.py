@@ -25,6 +25,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from permsparse.pattern import nm_keep_mask  # noqa: F401  (re-exported: the optimizer's mask rule is the pattern's)
+
 
 @dataclass(frozen=True)
 class OutputTerm:
@@ -130,18 +132,6 @@ class SolveStats:
     retained_identity: float = 0.0
     retained: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
-
-
-def nm_keep_mask(importance: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Boolean mask ``[k, cols]`` keeping the ``n`` largest of every ``m`` consecutive rows, per column."""
-    k, cols = importance.shape
-    if k % m:
-        raise ValueError(f"K={k} is not divisible by M={m}")
-    grouped = importance.reshape(k // m, m, cols)
-    order = np.argsort(-grouped, axis=1, kind="stable")
-    keep = np.zeros_like(grouped, dtype=bool)
-    np.put_along_axis(keep, order[:, :n, :], True, axis=1)
-    return keep.reshape(k, cols)
 
 
 def retained_share(problem: PermutationProblem, perm: np.ndarray | None = None) -> float:

@@ -18,15 +18,27 @@ import onnx
 log = logging.getLogger(__name__)
 
 
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
 def _dims_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights (large tensors, and float tensors kept in external data) are graph inputs of
+    the same type and shape: shape inference sees their dims and never reads their bytes."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    keep, as_inputs = [], []
     for init in m.graph.initializer:
-        if len(init.dims) >= 2 and np.prod(list(init.dims), dtype=np.int64) > 4096:  # weights: dims suffice
-            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                init.ClearField(f)
-            del init.external_data[:]
-            init.data_location = onnx.TensorProto.DEFAULT
+        floating = init.data_type in _FLOAT_TYPES
+        external = init.data_location == onnx.TensorProto.EXTERNAL
+        large = len(init.dims) >= 2 and np.prod(list(init.dims), dtype=np.int64) > 4096
+        if large or (floating and external):
+            as_inputs.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    known = {i.name for i in m.graph.input}
+    m.graph.input.extend(v for v in as_inputs if v.name not in known)
     return m
 
 

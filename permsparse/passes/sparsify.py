@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from permsparse.ir.graph import const_index
 from permsparse.ir.weights import WeightInfo
 from permsparse.passes.analysis import Plan
-from permsparse.pattern import NMPattern, check_nm, nm_keep_mask
+from permsparse.pattern import NMPattern, check_nm, nm_group_counts, nm_keep_mask
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +58,46 @@ def mask_weight(
     """
     n, m = pattern.n, pattern.m
     wk = k_major(w, stored)
-    w32 = np.asarray(wk, dtype=np.float32)
-    imp = np.abs(w32).astype(np.float64) if importance is None else np.asarray(importance, dtype=np.float64)
+    mag = np.abs(np.asarray(wk, dtype=np.float32))
+    imp = mag if importance is None else np.asarray(importance)
     keep = nm_keep_mask(imp, n, m)
     source = wk if replacement is None else np.asarray(replacement).astype(wk.dtype)
     masked = np.where(keep, source, np.zeros((), dtype=wk.dtype))
-    total_imp = float(imp.sum()) or 1.0
-    total_mag = float(np.abs(w32).sum()) or 1.0
+    total_imp = _total(imp) or 1.0
+    kept_imp = _total(imp, keep)
     if row_order is None:
-        ident = float(imp[keep].sum()) / total_imp
+        ident = kept_imp / total_imp
     else:
         orig = imp[np.argsort(row_order)]
-        ident = float(orig[nm_keep_mask(orig, n, m)].sum()) / total_imp
+        ident = _total(orig, nm_keep_mask(orig, n, m)) / total_imp
     stored_masked = w.stored(masked)
+    counts = nm_group_counts(stored_masked, w.k_axis, m)  # read back from the stored values: the independent check
     stats = MaskStats(
         weight=w.name,
-        kept_share=float(imp[keep].sum()) / total_imp,
+        kept_share=kept_imp / total_imp,
         kept_share_identity=ident,
-        kept_magnitude=float(np.abs(w32)[keep].sum()) / total_mag,
-        density=float(np.count_nonzero(masked)) / masked.size,
-        valid=check_nm(stored_masked, w.k_axis, n, m),
+        kept_magnitude=(kept_imp if importance is None else _total(mag, keep)) / (_total(mag) or 1.0),
+        density=float(counts.sum(dtype=np.int64)) / masked.size if counts is not None else 0.0,
+        valid=counts is not None and bool((counts <= n).all()),
     )
     return stored_masked, stats
+
+
+def _total(values: np.ndarray, keep: np.ndarray | None = None) -> float:
+    """Sum of ``values`` (where ``keep``), one row-block at a time (no full-size temporaries); the blocks' sums are
+    pairwise float32 sums added in float64, plenty for the shares the stats report."""
+    total = 0.0
+    step = max(1, (1 << 20) // max(values.shape[1], 1))
+    buf = None
+    for i in range(0, values.shape[0], step):
+        block = values[i:i + step]
+        if keep is not None:
+            if buf is None or buf.shape != block.shape:
+                buf = np.empty(block.shape, dtype=np.result_type(block.dtype, np.float32))
+            np.multiply(block, keep[i:i + step], out=buf)
+            block = buf
+        total += float(block.sum())
+    return total
 
 
 def fold_values(plan: Plan, fold, name: str, eff_stored: np.ndarray) -> np.ndarray:

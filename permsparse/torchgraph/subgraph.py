@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from permsparse.errors import PermsparseError
+from permsparse.ir.external import read_external
 from permsparse.torchgraph.registry import constant_node_value
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ class ModelIndex:
                     "the .onnx file) or the model's path instead of a ModelProto."
                 )
             try:
-                return numpy_helper.to_array(tensor, base_dir=str(self.base_dir or ""))
+                if uses_external:  # relative to base_dir, or permsparse's own spill files by absolute path
+                    return read_external(tensor, self.base_dir, mmap=False)
+                return numpy_helper.to_array(tensor)
             except (OSError, ValueError) as exc:
                 raise PermsparseError(
                     f"torchgraph: cannot read initializer {name!r} ({exc}); check that the external data file lies "

@@ -1,0 +1,123 @@
+"""Calibration norms ‖X_k‖₂ block by block, for models too big to run whole (e.g. a 7B fp16 model on 24 GB).
+
+Read-only. With the block partition of the model (:mod:`permsparse.passes.blocks`), the prefix, each block in turn
+and (when a requested tensor lies after the last block) the suffix are run in PyTorch (:mod:`permsparse.torchgraph`,
+16-bit weights widened to float32), each on the previous piece's outputs; every requested tensor is observed as it is
+produced and its per-channel sum of squares accumulated over real tokens (padding excluded), exactly what
+:func:`permsparse.data.calibration.collect_activation_stats` computes on onnxruntime for the whole model.
+
+Invariant: the pieces compose to the whole model (the partition's invariant), so each observed tensor has the value
+the whole model gives it. Memory: one piece's weights (read from the external data when needed) plus the stream
+activations of the calibration batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from permsparse.blockwise.state import token_rows
+from permsparse.errors import PermsparseError
+from permsparse.passes.blocks import BlockPlan
+
+log = logging.getLogger(__name__)
+
+
+class NormSet:
+    """Σ x_k² over real tokens of each observed tensor's last axis (float64), with the token count."""
+
+    def __init__(self, names: Iterable[str]):
+        self.names = set(names)
+        self.sum_sq: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.mask: torch.Tensor | None = None
+
+    def observe(self, name: str, value: torch.Tensor) -> None:
+        if name not in self.names or not value.is_floating_point():
+            return
+        rows = token_rows(value.detach(), self.mask).double()
+        part = (rows * rows).sum(dim=0)
+        self.sum_sq[name] = self.sum_sq[name] + part if name in self.sum_sq else part
+        self.count[name] = self.count.get(name, 0) + rows.shape[0]
+
+    def norms(self) -> dict[str, np.ndarray]:
+        return {k: np.sqrt(v.numpy()) for k, v in self.sum_sq.items()}
+
+
+def block_input_norms(
+    model: onnx.ModelProto, base_dir: Path, bp: BlockPlan, names: list[str],
+    feeds: Iterable[Mapping[str, np.ndarray]], samples: int, progress: bool | None = None,
+) -> dict[str, np.ndarray]:
+    """``{name: ‖X‖₂ per channel}`` of the tensors ``names`` over ``samples`` calibration examples of ``feeds``."""
+    from tqdm.auto import tqdm
+
+    from permsparse.torchgraph import GraphProgram, ProgramConfig
+
+    upcast = any(t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in model.graph.initializer)
+    config = ProgramConfig(upcast=upcast)
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = [i.name for i in model.graph.input if i.name not in inits]
+    outputs = [o.name for o in model.graph.output]
+
+    def program(inputs: list[str], outs: list[str]):
+        return GraphProgram.from_model(model, inputs=inputs, outputs=outs, base_dir=base_dir, config=config)
+
+    acc = NormSet(names)
+    batches: list[tuple[dict[str, torch.Tensor], torch.Tensor | None]] = []
+    taken = 0
+    prefix = program(graph_inputs, list(dict.fromkeys([bp.first, *bp.side])))
+    for feed in feeds:
+        if taken >= samples:
+            break
+        feed = {k: np.asarray(v) for k, v in feed.items()}
+        b = next((v.shape[0] for v in feed.values() if v.ndim >= 1), 1)
+        if taken + b > samples:
+            feed = {k: v[: samples - taken] if v.ndim >= 1 else v for k, v in feed.items()}
+            b = samples - taken
+        mask = feed.get("attention_mask")
+        acc.mask = torch.as_tensor(mask != 0) if mask is not None and mask.ndim == 2 else None
+        env = {k: torch.as_tensor(feed[k]) for k in graph_inputs}
+        for k, v in env.items():
+            acc.observe(k, v)
+        with torch.no_grad():
+            out = prefix.run(env, hook=acc.observe)
+        batches.append(({**env, **{k: out[k] for k in dict.fromkeys([bp.first, *bp.side])}}, acc.mask))
+        taken += b
+    if not batches:
+        raise PermsparseError("calibration got no data: the feeds were empty; give a non-empty --calib source")
+    del prefix
+    pieces = [(f"block {blk.index}", [blk.input, *bp.side], [blk.output]) for blk in bp.blocks]
+    last = bp.blocks[-1].output
+    if set(outputs) != {last}:
+        pieces.append(("suffix", list(dict.fromkeys([last, *bp.side, *graph_inputs])), outputs))
+    bar = tqdm(total=len(pieces), desc="calibration (block by block)", unit="block",
+               disable=(None if progress is None else not progress))
+    try:
+        for label, ins, outs in pieces:
+            if set(acc.names) <= set(acc.sum_sq) and label == "suffix":
+                break
+            prog = program(ins, outs)
+            with torch.no_grad():
+                for env, mask in batches:
+                    acc.mask = mask
+                    out = prog.run({k: env[k] for k in ins}, hook=acc.observe)
+                    env.update({k: out[k] for k in outs})
+            del prog
+            bar.update(1)
+    finally:
+        bar.close()
+    missing = sorted(set(names) - set(acc.sum_sq))
+    if missing:
+        raise PermsparseError(f"block-wise calibration never produced {missing[:5]}; use --check whole to calibrate "
+                              "the whole model on onnxruntime")
+    log.info("calibration (block by block): %d examples, %d tensors, %d tokens", taken, len(names),
+             next(iter(acc.count.values())))
+    return acc.norms()
+
+
+__all__ = ["NormSet", "block_input_norms"]
