@@ -115,7 +115,8 @@ def test_block_by_block_calibration_equals_onnxruntime(exported, tmp_path, name,
     """Big models are calibrated block by block (--check blocks); the Wanda norms equal the whole-model onnxruntime
     calibration's (padding excluded for MiniLM's masked batches), so the masks are the same."""
     src = exported(name, exporter)
-    cfg = dict(method="identity", importance="wanda", reconstruct="none", calib_samples=12, calib_seq_len=24)
+    cfg = {"method": "identity", "importance": "wanda", "reconstruct": "none", "calib_samples": 12,
+           "calib_seq_len": 24}
     whole = optimize(src, tmp_path / "whole.onnx", OptimizeConfig(**cfg, check="whole"))
     blocks = optimize(src, tmp_path / "blocks.onnx", OptimizeConfig(**cfg, check="blocks"))
     assert "block" in blocks.equivalence.method and "block" not in whole.equivalence.method

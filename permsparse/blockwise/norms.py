@@ -95,6 +95,7 @@ def block_input_norms(
     last = bp.blocks[-1].output
     if set(outputs) != {last}:
         pieces.append(("suffix", list(dict.fromkeys([last, *bp.side, *graph_inputs])), outputs))
+    keep = set(bp.side) | set(graph_inputs)
     bar = tqdm(total=len(pieces), desc="calibration (block by block)", unit="block",
                disable=(None if progress is None else not progress))
     try:
@@ -106,6 +107,9 @@ def block_input_norms(
                 for env, mask in batches:
                     acc.mask = mask
                     out = prog.run({k: env[k] for k in ins}, hook=acc.observe)
+                    for k in ins:  # the stream moves on: keep only what later pieces read
+                        if k not in keep:
+                            del env[k]
                     env.update({k: out[k] for k in outs})
             del prog
             bar.update(1)

@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from permsparse.pattern import nm_keep_mask  # noqa: F401  (re-exported: the optimizer's mask rule is the pattern's)
+from permsparse.pattern import nm_keep_mask  # the optimizer's mask rule is the pattern's
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Read-only. onnxruntime's symbolic shape inference (it resolves Range, Slice and Reshape targets computed from shapes,
 which ONNX's own inference leaves unknown in torch exports), falling back to ONNX shape inference with data
-propagation. Works on a copy of the graph whose weight matrices keep only their dims (no weight bytes are read), so it
-costs little memory even for a 7B model. Tensors whose shape stays unknown are absent from the result; callers that
+propagation. Works on a copy of the graph whose weights (large tensors, and every float tensor kept in external data)
+are turned into graph inputs of the same type and shape: no weight byte is read, not even the data file is needed, so
+it costs little memory and time even for a 7B model. Tensors whose shape stays unknown are absent from the result; callers that
 need every shape (the analysis) fall back to the onnxruntime probe (:mod:`permsparse.passes.probe`).
 """
 
