@@ -21,32 +21,11 @@ import numpy as np
 import onnx
 import torch
 
-from permsparse.blockwise.state import token_rows
+from permsparse.blockwise.state import HessianSet
 from permsparse.errors import PermsparseError
 from permsparse.passes.blocks import BlockPlan
 
 log = logging.getLogger(__name__)
-
-
-class NormSet:
-    """Σ x_k² over real tokens of each observed tensor's last axis (float64), with the token count."""
-
-    def __init__(self, names: Iterable[str]):
-        self.names = set(names)
-        self.sum_sq: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int] = {}
-        self.mask: torch.Tensor | None = None
-
-    def observe(self, name: str, value: torch.Tensor) -> None:
-        if name not in self.names or not value.is_floating_point():
-            return
-        rows = token_rows(value.detach(), self.mask).double()
-        part = (rows * rows).sum(dim=0)
-        self.sum_sq[name] = self.sum_sq[name] + part if name in self.sum_sq else part
-        self.count[name] = self.count.get(name, 0) + rows.shape[0]
-
-    def norms(self) -> dict[str, np.ndarray]:
-        return {k: np.sqrt(v.numpy()) for k, v in self.sum_sq.items()}
 
 
 def block_input_norms(
@@ -67,7 +46,7 @@ def block_input_norms(
     def program(inputs: list[str], outs: list[str]):
         return GraphProgram.from_model(model, inputs=inputs, outputs=outs, base_dir=base_dir, config=config)
 
-    acc = NormSet(names)
+    acc = HessianSet(set(names), diagonal=True)
     batches: list[tuple[dict[str, torch.Tensor], torch.Tensor | None]] = []
     taken = 0
     prefix = program(graph_inputs, list(dict.fromkeys([bp.first, *bp.side])))
@@ -100,7 +79,7 @@ def block_input_norms(
                disable=(None if progress is None else not progress))
     try:
         for label, ins, outs in pieces:
-            if set(acc.names) <= set(acc.sum_sq) and label == "suffix":
+            if set(acc.names) <= set(acc.h) and label == "suffix":
                 break
             prog = program(ins, outs)
             with torch.no_grad():
@@ -115,13 +94,13 @@ def block_input_norms(
             bar.update(1)
     finally:
         bar.close()
-    missing = sorted(set(names) - set(acc.sum_sq))
+    missing = sorted(set(names) - set(acc.h))
     if missing:
         raise PermsparseError(f"block-wise calibration never produced {missing[:5]}; use --check whole to calibrate "
                               "the whole model on onnxruntime")
     log.info("calibration (block by block): %d examples, %d tensors, %d tokens", taken, len(names),
              next(iter(acc.count.values())))
-    return acc.norms()
+    return {k: np.sqrt(v) for k, v in acc.numpy().items()}
 
 
-__all__ = ["NormSet", "block_input_norms"]
+__all__ = ["block_input_norms"]

@@ -48,10 +48,12 @@ def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class HessianSet:
-    """H = Σ xᵀx over real tokens for each observed tensor (float32 per batch, summed in float64)."""
+    """H = Σ xᵀx over real tokens for each observed tensor (float32 per batch, summed in float64); with
+    ``diagonal=True`` only its diagonal Σ x_k² (what Wanda's ‖X_k‖₂ needs, K numbers instead of K²)."""
 
-    def __init__(self, names: set[str]):
+    def __init__(self, names: set[str], *, diagonal: bool = False):
         self.names = set(names)
+        self.diagonal = diagonal
         self.h: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.mask: torch.Tensor | None = None
@@ -59,8 +61,13 @@ class HessianSet:
     def observe(self, name: str, value: torch.Tensor) -> None:
         if name not in self.names or not value.is_floating_point():
             return
-        rows = token_rows(value.detach(), self.mask).float()
-        part = (rows.T @ rows).double()
+        rows = token_rows(value.detach(), self.mask)
+        if self.diagonal:
+            rows = rows.double()
+            part = (rows * rows).sum(dim=0)
+        else:
+            rows = rows.float()
+            part = (rows.T @ rows).double()
         if name in self.h:
             self.h[name] += part
         else:
