@@ -136,7 +136,6 @@ def calibrate(run: Run, weights: list[str] | None = None) -> None:
         run.x_norms.update(input_norms(run.src, names, run.cfg))
         return
     from permsparse.blockwise.norms import block_input_norms
-    from permsparse.data.feeds import make_feeds
 
     bp = _partition_of(run)
     if bp is None:
@@ -145,20 +144,24 @@ def calibrate(run: Run, weights: list[str] | None = None) -> None:
             "a time; use --importance magnitude (no calibration), or --check whole on a machine with more memory"
         )
     cfg = run.cfg
-    feeds = make_feeds(run.src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
-                       tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
-    run.x_norms.update(block_input_norms(run.model, run.base_dir, bp, names, feeds, cfg.calib_samples, cfg.progress))
+    run.x_norms.update(block_input_norms(run.model, run.base_dir, bp, names, calibration_feeds(run.src, cfg),
+                                         cfg.calib_samples, cfg.progress))
+
+
+def calibration_feeds(src: Path, cfg: OptimizeConfig):
+    """The calibration batches of ``cfg`` for model ``src`` (one definition for every calibration path)."""
+    from permsparse.data.feeds import make_feeds
+
+    return make_feeds(src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
+                      tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
 
 
 def input_norms(src: Path, names: list[str], cfg: OptimizeConfig, progress: bool | None = None
                 ) -> dict[str, np.ndarray]:
     """‖X_k‖₂ of the tensors ``names`` of model ``src`` over the calibration data of ``cfg`` (onnxruntime)."""
     from permsparse.data.calibration import CalibrationConfig, collect_activation_stats
-    from permsparse.data.feeds import make_feeds
 
-    feeds = make_feeds(src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
-                       tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
-    stats = collect_activation_stats(src, names, feeds, CalibrationConfig(
+    stats = collect_activation_stats(src, names, calibration_feeds(src, cfg), CalibrationConfig(
         samples=cfg.calib_samples, seed=cfg.seed, max_rows=0, progress=cfg.progress if progress is None else progress))
     return {name: np.asarray(s.norm, dtype=np.float64) for name, s in stats.items()}
 
@@ -258,7 +261,6 @@ def blockwise(run: Run) -> None:
     """Calibration, permutations and reconstructed weights block by block (:mod:`permsparse.blockwise`)."""
     from permsparse.blockwise.engine import Engine, split_units
     from permsparse.blockwise.store import WeightStore
-    from permsparse.data.feeds import make_feeds
     from permsparse.passes.blocks import partition
 
     cfg, plan = run.cfg, run.plan
@@ -279,8 +281,7 @@ def blockwise(run: Run) -> None:
     dtypes = {w.name: np.dtype(np.float16) if w.dtype == "float16" else np.dtype(np.float32)
               for w in plan.weights.values()}
     store = WeightStore(run.work / "weights", dtypes)
-    feeds = make_feeds(run.src, cfg.calib, samples=cfg.calib_samples, batch_size=8, seq_len=cfg.calib_seq_len,
-                       tokenizer_dir=cfg.tokenizer, seed=cfg.seed)
+    feeds = calibration_feeds(run.src, cfg)
     engine = Engine(run.model, run.base_dir, plan, inside, bp, const_index(run.graph), cfg, store)
     engine.solver = run.solver
     run.blockwise = engine.run(feeds, pre, cfg.progress)

@@ -203,3 +203,24 @@ def test_static_probe_on_external_weights_reads_no_weight(tmp_path, dtype):
     ran = probe(model, feeds, base_dir=tmp_path)
     (tmp_path / "m.onnx.data").rename(tmp_path / "elsewhere.data")
     _assert_same_probe(static_probe(model, feeds), ran)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (2, 16)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_keep_mask_equals_a_stable_sort(n, m, dtype):
+    """The comparison-counting mask keeps exactly what a stable descending sort keeps: ties go to the first row,
+    NaN is least important (many ties on purpose)."""
+    from permsparse.pattern import nm_keep_mask
+
+    def by_sort(x):
+        g = np.where(np.isnan(x), -np.inf, x).reshape(x.shape[0] // m, m, x.shape[1])
+        keep = np.zeros(g.shape, dtype=bool)
+        np.put_along_axis(keep, np.argsort(-g, axis=1, kind="stable")[:, :n, :], True, axis=1)
+        return keep.reshape(x.shape)
+
+    rng = np.random.default_rng(n * 100 + m)
+    for x in (rng.integers(0, 3, (m * 50, 37)).astype(dtype), rng.standard_normal((m * 64, 33)).astype(dtype)):
+        x[0, 0] = np.nan
+        keep = nm_keep_mask(x, n, m)
+        np.testing.assert_array_equal(keep, by_sort(x))
+        assert (keep.reshape(-1, m, x.shape[1]).sum(axis=1) == n).all()

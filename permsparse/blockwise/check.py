@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 
+from permsparse.blockwise.state import graph_inputs
 from permsparse.ir.compare import Equivalence, rel_error
 from permsparse.passes.blocks import BlockPlan
 
@@ -41,20 +42,15 @@ def check_blockwise(
     from permsparse.torchgraph import GraphProgram, ProgramConfig
 
     config = ProgramConfig(upcast=True)
-    graph_inputs = [i.name for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
+    inputs = graph_inputs(original)
     outputs = [o.name for o in original.graph.output]
 
-    def prog(model, base, inputs, outs):
-        return GraphProgram.from_model(model, inputs=inputs, outputs=outs, base_dir=base, config=config)
+    def prog(model, base, ins, outs):
+        return GraphProgram.from_model(model, inputs=ins, outputs=outs, base_dir=base, config=config)
 
     worst, worst_name = 0.0, ""
-    pieces = [("prefix", graph_inputs, list(dict.fromkeys([bp.first, *bp.side])))]
-    pieces += [(f"block {b.index}", [b.input, *bp.side], [b.output]) for b in bp.blocks]
-    last = bp.blocks[-1].output
-    if set(outputs) != {last}:
-        pieces.append(("suffix", list(dict.fromkeys([last, *bp.side, *graph_inputs])), outputs))
     envs = [{k: torch.as_tensor(np.asarray(v)) for k, v in f.items()} for f in feeds]
-    for label, ins, outs in pieces:
+    for label, ins, outs in bp.pieces(inputs, outputs):
         po = prog(original, original_dir, ins, outs)
         pf = prog(folded, folded_dir, ins, outs)
         with torch.no_grad():

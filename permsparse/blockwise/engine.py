@@ -30,7 +30,13 @@ import numpy as np
 import onnx
 import torch
 
-from permsparse.blockwise.state import Batch, CalibState, HessianSet
+from permsparse.blockwise.state import (
+    Batch,
+    CalibState,
+    HessianSet,
+    graph_inputs,
+    half_weights,
+)
 from permsparse.blockwise.store import WeightStore
 from permsparse.errors import PermsparseError
 from permsparse.ir.graph import ConstRef
@@ -97,8 +103,7 @@ class Engine:
         self.solver = None  # permsparse.learn.Solver of the run (executor, checkpoint); None: local pool, no checkpoint
         self.units = units
         self.unit_of: dict[str, Unit] = {w: u for u in units for w in u.weights}
-        self.upcast = any(t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-                          for t in model.graph.initializer)
+        self.upcast = half_weights(model)
 
     # ------------------------------------------------------------------------------------------------ programs
 
@@ -110,13 +115,12 @@ class Engine:
 
     def prepare(self, feeds: list[dict[str, np.ndarray]]) -> CalibState:
         """Run the prefix (embeddings, masks, RoPE) once per batch: the first stream tensor and the side tensors."""
-        graph_inputs = [i.name for i in self.model.graph.input
-                        if i.name not in {t.name for t in self.model.graph.initializer}]
-        prefix = self.program(graph_inputs, [self.bp.first, *self.bp.side])
+        inputs = graph_inputs(self.model)
+        prefix = self.program(inputs, [self.bp.first, *self.bp.side])
         state = CalibState(stream_name=self.bp.first)
         for feed in feeds:
             with torch.no_grad():
-                out = prefix.run({k: feed[k] for k in graph_inputs})
+                out = prefix.run({k: feed[k] for k in inputs})
             first = out[self.bp.first].float()
             mask = feed.get("attention_mask")
             m = None if mask is None or np.ndim(mask) != 2 else torch.as_tensor(np.asarray(mask) != 0)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 
-from permsparse.blockwise.state import HessianSet
+from permsparse.blockwise.state import HessianSet, graph_inputs, half_weights
 from permsparse.errors import PermsparseError
 from permsparse.passes.blocks import BlockPlan
 
@@ -37,19 +37,17 @@ def block_input_norms(
 
     from permsparse.torchgraph import GraphProgram, ProgramConfig
 
-    upcast = any(t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in model.graph.initializer)
-    config = ProgramConfig(upcast=upcast)
-    inits = {t.name for t in model.graph.initializer}
-    graph_inputs = [i.name for i in model.graph.input if i.name not in inits]
-    outputs = [o.name for o in model.graph.output]
+    config = ProgramConfig(upcast=half_weights(model))
+    inputs = graph_inputs(model)
+    (_, _, prefix_outs), *pieces = bp.pieces(inputs, [o.name for o in model.graph.output])
 
-    def program(inputs: list[str], outs: list[str]):
-        return GraphProgram.from_model(model, inputs=inputs, outputs=outs, base_dir=base_dir, config=config)
+    def program(ins: list[str], outs: list[str]):
+        return GraphProgram.from_model(model, inputs=ins, outputs=outs, base_dir=base_dir, config=config)
 
     acc = HessianSet(set(names), diagonal=True)
     batches: list[tuple[dict[str, torch.Tensor], torch.Tensor | None]] = []
     taken = 0
-    prefix = program(graph_inputs, list(dict.fromkeys([bp.first, *bp.side])))
+    prefix = program(inputs, prefix_outs)
     for feed in feeds:
         if taken >= samples:
             break
@@ -60,21 +58,17 @@ def block_input_norms(
             b = samples - taken
         mask = feed.get("attention_mask")
         acc.mask = torch.as_tensor(mask != 0) if mask is not None and mask.ndim == 2 else None
-        env = {k: torch.as_tensor(feed[k]) for k in graph_inputs}
+        env = {k: torch.as_tensor(feed[k]) for k in inputs}
         for k, v in env.items():
             acc.observe(k, v)
         with torch.no_grad():
             out = prefix.run(env, hook=acc.observe)
-        batches.append(({**env, **{k: out[k] for k in dict.fromkeys([bp.first, *bp.side])}}, acc.mask))
+        batches.append(({**env, **{k: out[k] for k in prefix_outs}}, acc.mask))
         taken += b
     if not batches:
         raise PermsparseError("calibration got no data: the feeds were empty; give a non-empty --calib source")
     del prefix
-    pieces = [(f"block {blk.index}", [blk.input, *bp.side], [blk.output]) for blk in bp.blocks]
-    last = bp.blocks[-1].output
-    if set(outputs) != {last}:
-        pieces.append(("suffix", list(dict.fromkeys([last, *bp.side, *graph_inputs])), outputs))
-    keep = set(bp.side) | set(graph_inputs)
+    keep = set(bp.side) | set(inputs)
     bar = tqdm(total=len(pieces), desc="calibration (block by block)", unit="block",
                disable=(None if progress is None else not progress))
     try:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import torch
 
 
@@ -35,6 +36,17 @@ class CalibState:
         for b in self.batches:
             n += int(b.mask.sum()) if b.mask is not None else int(np.prod(b.sparse.shape[:-1]))
         return n
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[str]:
+    """The model's run-time inputs (graph inputs that are not initializers), in order."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def half_weights(model: onnx.ModelProto) -> bool:
+    """True if some weight is float16/bfloat16: block programs then widen weights to float32 (exactly)."""
+    return any(t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in model.graph.initializer)
 
 
 def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from permsparse.pattern import nm_keep_mask  # the optimizer's mask rule is the pattern's
+# the optimizer's mask rule is the pattern's (re-exported here for the solvers)
+from permsparse.pattern import nm_keep_mask
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,17 @@ class BlockPlan:
     first: str  # the first stream tensor (input of block 0)
     outside: list[str] = field(default_factory=list)  # prunable weights not inside any block (learned up front)
 
+    def pieces(self, graph_inputs: list[str], outputs: list[str]) -> list[tuple[str, list[str], list[str]]]:
+        """The model as pieces run one after another, ``(label, inputs, outputs)``: the prefix (graph inputs -> first
+        stream tensor and side tensors), every block, and the suffix when the graph outputs are not the last block's
+        output. By the partition's invariant they compose to the whole model."""
+        pieces = [("prefix", list(graph_inputs), list(dict.fromkeys([self.first, *self.side])))]
+        pieces += [(f"block {b.index}", [b.input, *self.side], [b.output]) for b in self.blocks]
+        last = self.blocks[-1].output
+        if set(outputs) != {last}:
+            pieces.append(("suffix", list(dict.fromkeys([last, *self.side, *graph_inputs])), list(outputs)))
+        return pieces
+
     def block_of(self, weight: str) -> int | None:
         for b in self.blocks:
             if weight in b.weights:

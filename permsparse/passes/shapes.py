@@ -16,10 +16,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from permsparse.ir.model import FLOAT_TYPES
+
 log = logging.getLogger(__name__)
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def _dims_only(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -29,7 +28,7 @@ def _dims_only(model: onnx.ModelProto) -> onnx.ModelProto:
     m.CopyFrom(model)
     keep, as_inputs = [], []
     for init in m.graph.initializer:
-        floating = init.data_type in _FLOAT_TYPES
+        floating = init.data_type in FLOAT_TYPES or init.data_type == onnx.TensorProto.DOUBLE
         external = init.data_location == onnx.TensorProto.EXTERNAL
         large = len(init.dims) >= 2 and np.prod(list(init.dims), dtype=np.int64) > 4096
         if large or (floating and external):

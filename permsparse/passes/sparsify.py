@@ -76,7 +76,7 @@ def mask_weight(
         weight=w.name,
         kept_share=kept_imp / total_imp,
         kept_share_identity=ident,
-        kept_magnitude=(kept_imp if importance is None else _total(mag, keep)) / (_total(mag) or 1.0),
+        kept_magnitude=(kept_imp / total_imp if importance is None else _total(mag, keep) / (_total(mag) or 1.0)),
         density=float(counts.sum(dtype=np.int64)) / masked.size if counts is not None else 0.0,
         valid=counts is not None and bool((counts <= n).all()),
     )
