@@ -2,7 +2,9 @@
 
 :meth:`OptimizeConfig.resolved` fills the defaults and validates every option (a :class:`UsageError` says which
 option is wrong and what is allowed), so the CLI and the Python API refuse the same things before any work starts.
-The registries of allowed values live with the code that implements them and are re-exported here for the CLI.
+The registries of allowed values live with the code that implements them (:data:`~permsparse.optimizer.methods.
+METHOD_FACTORIES`, :data:`~permsparse.optimizer.importance.IMPORTANCE_REGISTRY`, :data:`~permsparse.models.registry.
+MODEL_FAMILIES`); the name tuples here are read from them, for the CLI and for validation.
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ from typing import TYPE_CHECKING
 
 from permsparse.errors import UsageError
 from permsparse.ir.compare import DEFAULT_RTOL
+from permsparse.models.zoo import EXPORTERS as _EXPORTERS
+from permsparse.models.zoo import MODEL_FAMILIES, model_sizes
+from permsparse.optimizer.importance import DEFAULT_DAMP, IMPORTANCE_REGISTRY
+from permsparse.optimizer.methods import METHOD_FACTORIES
 from permsparse.pattern import NMPattern
 
 if TYPE_CHECKING:
     from permsparse.ir.shapes import ShapeSpec
 
-#: Names the CLI offers (each tuple is the registry of the module that implements it).
-METHODS: tuple[str, ...] = ("identity", "lsa", "channel_swap", "learned")
-IMPORTANCES: tuple[str, ...] = ("magnitude", "wanda", "ria")
+#: Names the CLI offers. Methods, importances, model families and exporters are read from the registries of the
+#: modules that implement them (each a module-level dict filled by a ``register`` decorator; nothing heavy loads).
+METHODS: tuple[str, ...] = tuple(METHOD_FACTORIES)
+IMPORTANCES: tuple[str, ...] = tuple(name for name, imp in IMPORTANCE_REGISTRY.items() if imp.offered)
 POLICIES: tuple[str, ...] = ("fold", "global", "local")
 OBJECTIVES: tuple[str, ...] = ("importance", "output", "block")
 RECONSTRUCTIONS: tuple[str, ...] = ("sparsegpt", "none")
@@ -31,11 +38,11 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 PRECISION_MODES: tuple[str, ...] = ("auto", "flags", "onnx")
 BACKENDS: tuple[str, ...] = ("ort", "torch", "tensorrt")
 SPARSE_METHODS: tuple[str, ...] = ("semi", "cutlass", "cusparselt", "cslt")
-EXPORTERS: tuple[str, ...] = ("dynamo", "legacy")
-MODEL_NAMES: tuple[str, ...] = ("minilm", "smollm2", "vit", "llama", "hf")
-MODEL_SIZES: tuple[str, ...] = ("tiny", "small", "b16", "1b")
-#: Importances that need calibration data (per-channel activation norms).
-CALIBRATED_IMPORTANCES = frozenset({"wanda", "ria"})
+EXPORTERS: tuple[str, ...] = _EXPORTERS
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_FAMILIES)
+MODEL_SIZES: tuple[str, ...] = model_sizes()
+#: Importances that need calibration data (per-channel activation norms or Hessians).
+CALIBRATED_IMPORTANCES = frozenset(name for name in IMPORTANCES if IMPORTANCE_REGISTRY[name].needs != "weights")
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,8 @@ class OptimizeConfig:
         block_steps: optimizer steps of the joint block learner (``objective="block"``) per block; default 30.
         teacher: target of block-wise steps: ``dense`` (the dense model's own block outputs, so later blocks
             compensate earlier errors) or ``local`` (the dense block applied to the pruned stream); default dense.
-        damp: SparseGPT dampening, a share of mean(diag H); default 0.1 (0.01 overfits the few calibration tokens:
-            MiniLM pooled cosine 0.848 at 0.01 vs 0.859 at 0.1).
+        damp: SparseGPT dampening, a share of mean(diag H); default
+            :data:`permsparse.optimizer.importance.DEFAULT_DAMP` (0.1).
         mask: apply the masks (``False`` writes the permuted dense model); default True.
         prune_head: also prune weights that write a graph output; default False.
         exclude: regular expressions of weights kept dense.
@@ -145,7 +152,7 @@ class OptimizeConfig:
             finetune_lr=1e-4 if self.finetune_lr is None else float(self.finetune_lr),
             block_steps=30 if self.block_steps is None else int(self.block_steps),
             teacher=self.teacher or "dense",
-            damp=0.1 if self.damp is None else float(self.damp),
+            damp=DEFAULT_DAMP if self.damp is None else float(self.damp),
             mask=True if self.mask is None else bool(self.mask),
             prune_head=bool(self.prune_head),
             exclude=tuple(self.exclude or ()),

@@ -25,8 +25,9 @@ import onnx
 import torch
 from torch import nn
 
-from permsparse.config import EXPORTERS, MODEL_NAMES
 from permsparse.errors import PermsparseError
+from permsparse.models.registry import ExportRequest
+from permsparse.models.zoo import EXPORTERS, MODEL_FAMILIES, model_family
 
 logger = logging.getLogger(__name__)
 
@@ -303,57 +304,6 @@ def _check_linears(model: onnx.ModelProto, module: nn.Module, exporter: str) -> 
     )
 
 
-def _named_model(
-    name: str, *, size: str, seed: int, hf_dir: str | os.PathLike[str] | None, dtype: str = "float32"
-) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[int, str]], list[str]]:
-    if name == "minilm":
-        from permsparse.models.minilm import load_minilm
-
-        if size != "tiny":
-            logger.warning("--size %s ignored: minilm has one size", size)
-        loaded = load_minilm(seed=seed)
-        return loaded.module, loaded.example_inputs, loaded.dynamic_axes, loaded.output_names
-    if name == "vit":
-        from permsparse.models.vit import build_vit, vit_config, vit_example_inputs
-
-        cfg = vit_config(size)
-        return (
-            build_vit(cfg, seed),
-            vit_example_inputs(cfg, batch=2, seed=seed),
-            {"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-            ["logits"],
-        )
-    if name == "llama":
-        from permsparse.models.llama import (
-            build_llama,
-            llama_config,
-            llama_example_inputs,
-        )
-
-        cfg = llama_config(size)
-        return (
-            build_llama(cfg, seed),
-            llama_example_inputs(cfg, batch=2, seq=16, seed=seed),
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-            ["logits"],
-        )
-    if name == "smollm2":
-        from permsparse.models.hf import load_hf_checkpoint
-        from permsparse.models.smollm2 import smollm2_gguf
-
-        module, inputs, axes, outputs = load_hf_checkpoint(smollm2_gguf().parent, task="causal-lm", seed=seed,
-                                                           dtype=dtype)
-        return module, inputs, axes, outputs
-    if name == "hf":
-        from permsparse.models.hf import load_hf_checkpoint
-
-        if hf_dir is None:
-            raise PermsparseError("model 'hf' needs a checkpoint directory: pass --hf-dir DIR (hf_dir=...).")
-        module, inputs, axes, outputs = load_hf_checkpoint(hf_dir, seed=seed, dtype=dtype)
-        return module, inputs, axes, outputs
-    raise PermsparseError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-
-
 def export_model(
     name: str,
     path: str | os.PathLike[str],
@@ -364,26 +314,27 @@ def export_model(
     hf_dir: str | None = None,
     dtype: str = "float32",
 ) -> Path:
-    """Build or load model ``name`` (``minilm``, ``vit``, ``llama``, ``hf``) and export it to ``path``.
+    """Build or load model ``name`` (a family of :data:`~permsparse.models.registry.MODEL_FAMILIES`: ``minilm``,
+    ``smollm2``, ``vit``, ``llama``, ``hf``) and export it to ``path``.
 
     ``size`` picks a preset for ``vit`` (tiny, small, b16) and ``llama`` (tiny, small, 1b); ``seed`` seeds the
     built-in models' weights; ``hf_dir`` is the checkpoint directory for ``hf`` (its tokenizer is written beside
-    the ONNX file); ``dtype`` (``float32``, ``float16``, ``bfloat16``) is the weights' type for ``hf``.
+    the ONNX file); ``dtype`` (``float32``, ``float16``, ``bfloat16``) is the weights' type for ``hf``/``smollm2``.
     """
     if exporter not in EXPORTERS:
         raise PermsparseError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
-    if dtype != "float32" and name not in ("hf", "smollm2"):
-        raise PermsparseError(f"dtype {dtype} applies to hf/smollm2 checkpoints; the built-in models export in float32")
-    module, inputs, axes, outputs = _named_model(name, size=size, seed=seed, hf_dir=hf_dir, dtype=dtype)
-    out = export_onnx(module, inputs, path, dynamo=exporter == "dynamo", dynamic_axes=axes, output_names=outputs)
-    if name in ("hf", "smollm2"):
+    family = model_family(name)
+    if dtype != "float32" and not family.dtypes:
+        takes = "/".join(sorted(n for n, f in MODEL_FAMILIES.items() if f.dtypes))
+        raise PermsparseError(f"dtype {dtype} applies to {takes} checkpoints; the built-in models export in float32")
+    request = ExportRequest(size=size, seed=seed, hf_dir=None if hf_dir is None else str(hf_dir), dtype=dtype)
+    loaded = family.load(request)
+    out = export_onnx(loaded.module, loaded.example_inputs, path, dynamo=exporter == "dynamo",
+                      dynamic_axes=loaded.dynamic_axes, output_names=loaded.output_names)
+    if family.tokenizer is not None:
         from permsparse.models.hf import save_tokenizer_beside
 
-        if name == "smollm2":
-            from permsparse.models.smollm2 import smollm2_gguf
-
-            hf_dir = str(smollm2_gguf().parent)
-        save_tokenizer_beside(hf_dir, out)
+        save_tokenizer_beside(family.tokenizer(request), out)
     return out
 
 

@@ -20,6 +20,12 @@ Scores are non-negative ``float32`` arrays shaped like ``W`` (sums are taken in 
   diagonal of its dampened inverse) instead of ``x_norm``. It is equivariant under row permutations, so it can serve
   as the masking score of a permutation problem (the diagonal surrogate of the error after reconstruction).
 
+The registry: :data:`IMPORTANCE_REGISTRY` maps each name to an :class:`Importance` (its score function, which
+statistics it needs, whether ``--importance`` offers it), filled by the :func:`register` decorator below; the CLI
+choices and :class:`permsparse.config.OptimizeConfig`'s validation read it. Adding an importance: one registered
+function here plus a test. :func:`masking_score` is the one entry point of the pipeline (whole-model, block-wise and
+the plain N:M comparison): it derives ``‖X_k‖ = sqrt(H_kk)`` from a Hessian when that is what the caller holds.
+
 Invariant: every score is a function of ``(W_kn, statistics of input channel k)`` only (plus the row/column sums of
 ``|W|`` for RIA), so permuting the rows of ``W`` and the channel statistics together permutes the scores.
 """
@@ -27,7 +33,9 @@ Invariant: every score is a function of ``(W_kn, statistics of input channel k)`
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,11 +43,11 @@ from permsparse.errors import PermsparseError
 
 logger = logging.getLogger(__name__)
 
-IMPORTANCES: tuple[str, ...] = ("magnitude", "wanda", "ria", "obs")
-"""Names accepted by :func:`compute_importance`."""
-
 RIA_DEFAULT_A = 0.5
-OBS_DEFAULT_DAMP = 0.01
+DEFAULT_DAMP = 0.1
+"""SparseGPT/OBS dampening ``λ = damp · mean(diag H)``: the one default of ``--damp``, of the SparseGPT solve
+(:mod:`permsparse.optimizer.sparsegpt`), of the OBS score and of the reconstruction objective (0.01, SparseGPT's
+paper value, overfits the few calibration tokens: MiniLM pooled cosine 0.848 at 0.01 vs 0.859 at 0.1)."""
 
 
 def _as_weight(W: Any) -> np.ndarray:
@@ -95,7 +103,7 @@ def ria(W: np.ndarray, x_norm: np.ndarray, a: float = RIA_DEFAULT_A) -> np.ndarr
 
 
 def obs(W: np.ndarray, hessian: np.ndarray | None = None, *, hinv_diag: np.ndarray | None = None,
-        damp: float = OBS_DEFAULT_DAMP) -> np.ndarray:
+        damp: float = DEFAULT_DAMP) -> np.ndarray:
     """OBS score ``W[k, n]² / [(XᵀX + λI)⁻¹]_kk`` as ``float32 [K, N]``.
 
     Pass ``hessian [K, K] = XᵀX`` (original row order; dampened here with ``damp``) or ``hinv_diag [K]`` (already the
@@ -120,31 +128,110 @@ def obs(W: np.ndarray, hessian: np.ndarray | None = None, *, hinv_diag: np.ndarr
     return (np.square(w.astype(np.float64)) / d[:, None]).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Statistics:
+    """What a score may read besides the weight: activation norms ``x_norm [K]``, the Hessian ``XᵀX [K, K]`` or the
+    diagonal of its dampened inverse ``hinv_diag [K]``, RIA's exponent ``a``, the dampening ``damp``."""
+
+    x_norm: np.ndarray | None = None
+    hessian: np.ndarray | None = None
+    hinv_diag: np.ndarray | None = None
+    a: float = RIA_DEFAULT_A
+    damp: float = DEFAULT_DAMP
+
+
+@dataclass(frozen=True)
+class Importance:
+    """A registered importance: ``score(W, stats)``; ``needs``: the statistics it cannot do without (``weights``:
+    none, ``x_norm``: calibration norms, ``hessian``: XᵀX or its inverse diagonal); ``offered``: listed by
+    ``--importance`` (``obs`` is the block-wise mask rule of SparseGPT, not a user choice)."""
+
+    name: str
+    score: Callable[[np.ndarray, Statistics], np.ndarray]
+    needs: Literal["weights", "x_norm", "hessian"]
+    offered: bool = True
+
+
+IMPORTANCE_REGISTRY: dict[str, Importance] = {}
+"""The registry: importance name -> :class:`Importance` (insertion order is the order the CLI lists)."""
+
+
+def register(name: str, *, needs: Literal["weights", "x_norm", "hessian"], offered: bool = True
+             ) -> Callable[[Callable[[np.ndarray, Statistics], np.ndarray]], Callable[[np.ndarray, Statistics], np.ndarray]]:
+    """Decorator: register ``score(W, stats)`` as importance ``name`` (a name registered twice is an error)."""
+
+    def add(score: Callable[[np.ndarray, Statistics], np.ndarray]) -> Callable[[np.ndarray, Statistics], np.ndarray]:
+        if name in IMPORTANCE_REGISTRY:
+            raise ValueError(f"importance {name!r} is registered twice")
+        IMPORTANCE_REGISTRY[name] = Importance(name, score, needs, offered)
+        return score
+
+    return add
+
+
+@register("magnitude", needs="weights")
+def _magnitude(W: np.ndarray, s: Statistics) -> np.ndarray:
+    return magnitude(W)
+
+
+@register("wanda", needs="x_norm")
+def _wanda(W: np.ndarray, s: Statistics) -> np.ndarray:
+    return wanda(W, s.x_norm)
+
+
+@register("ria", needs="x_norm")
+def _ria(W: np.ndarray, s: Statistics) -> np.ndarray:
+    return ria(W, s.x_norm, a=s.a)
+
+
+@register("obs", needs="hessian", offered=False)
+def _obs(W: np.ndarray, s: Statistics) -> np.ndarray:
+    return obs(W, s.hessian, hinv_diag=s.hinv_diag, damp=s.damp)
+
+
+IMPORTANCES: tuple[str, ...] = tuple(IMPORTANCE_REGISTRY)
+"""The built-in names accepted by :func:`compute_importance` (the registry's names when this module was imported)."""
+
+
 def compute_importance(name: str, W: np.ndarray, x_norm: np.ndarray | None = None, *, a: float = RIA_DEFAULT_A,
                        hessian: np.ndarray | None = None, hinv_diag: np.ndarray | None = None,
-                       damp: float = OBS_DEFAULT_DAMP) -> np.ndarray:
-    """Importance ``name`` (one of :data:`IMPORTANCES`) of ``W [K, N]``; ``x_norm [K]`` for ``wanda``/``ria``;
+                       damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """Importance ``name`` (a key of :data:`IMPORTANCE_REGISTRY`) of ``W [K, N]``; ``x_norm [K]`` for ``wanda``/``ria``;
     ``hessian [K, K]`` (or ``hinv_diag [K]``) for ``obs``.
 
     Raises:
         PermsparseError: unknown name, wrong shapes, or an activation-aware score without its statistics.
     """
     key = str(name).strip().lower()
-    if key not in IMPORTANCES:
-        raise PermsparseError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
-    if key == "magnitude":
-        return magnitude(W)
-    if key == "obs":
-        if hessian is None and hinv_diag is None:
-            raise PermsparseError(
-                "importance 'obs' needs calibration data (the Hessian XᵀX of each weight's input); pass --calib DATA "
-                "(or omit it to use the built-in texts for text models), or use --importance wanda")
-        return obs(W, hessian, hinv_diag=hinv_diag, damp=damp)
-    if x_norm is None:
+    imp = IMPORTANCE_REGISTRY.get(key)
+    if imp is None:
+        raise PermsparseError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCE_REGISTRY)}")
+    if imp.needs == "hessian" and hessian is None and hinv_diag is None:
+        raise PermsparseError(
+            f"importance {key!r} needs calibration data (the Hessian XᵀX of each weight's input); pass --calib DATA "
+            "(or omit it to use the built-in texts for text models), or use --importance wanda")
+    if imp.needs == "x_norm" and x_norm is None:
         raise PermsparseError(
             f"importance {key!r} needs calibration data (per-channel activation norms); pass --calib DATA "
             "(or omit it to use the built-in texts for text models), or use --importance magnitude"
         )
-    if key == "wanda":
-        return wanda(W, x_norm)
-    return ria(W, x_norm, a=a)
+    return imp.score(W, Statistics(x_norm=x_norm, hessian=hessian, hinv_diag=hinv_diag, a=a, damp=damp))
+
+
+def masking_score(name: str, wk: np.ndarray, *, x_norm: np.ndarray | None = None, hessian: np.ndarray | None = None,
+                  damp: float = DEFAULT_DAMP, missing: Literal["raise", "magnitude"] = "raise") -> np.ndarray:
+    """The pipeline's masking score ``float32 [K, N]`` of ``wk`` (MatMul layout) from whatever statistics the caller
+    holds: ``x_norm``, or a Hessian ``H = XᵀX`` (then ``‖X_k‖ = sqrt(max(H_kk, 0))``; ``obs`` reads H itself).
+    Without the statistics the score needs: ``missing="raise"`` raises :class:`PermsparseError` (as
+    :func:`compute_importance`), ``missing="magnitude"`` scores ``|W|``.
+    """
+    w = np.asarray(wk, dtype=np.float32)
+    imp = IMPORTANCE_REGISTRY.get(str(name).strip().lower())
+    needs = imp.needs if imp is not None else "weights"
+    if needs == "x_norm" and x_norm is None and hessian is not None:
+        x_norm = np.sqrt(np.maximum(np.diag(hessian), 0.0))
+    if missing == "magnitude" and ((needs == "x_norm" and x_norm is None) or (needs == "hessian" and hessian is None)):
+        return np.abs(w)
+    if needs == "hessian":
+        return np.asarray(compute_importance(name, w, hessian=hessian, damp=damp), dtype=np.float32)
+    return np.asarray(compute_importance(name, w, x_norm), dtype=np.float32)

@@ -32,6 +32,7 @@ from permsparse.optimizer.base import (
     nm_keep_mask,
     sibling_rows,
 )
+from permsparse.optimizer.importance import DEFAULT_DAMP
 
 
 def term_masks(term: OutputTerm, perm: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -105,7 +106,7 @@ def output_loss(problem: PermutationProblem, perm: np.ndarray | None = None) -> 
     return output_losses(problem, [perm])[0]
 
 
-def reconstructed_loss(problem: PermutationProblem, perm: np.ndarray | None = None, *, damp: float = 0.01,
+def reconstructed_loss(problem: PermutationProblem, perm: np.ndarray | None = None, *, damp: float = DEFAULT_DAMP,
                        block_size: int = 128) -> float:
     """Σ_i relative output error after SparseGPT N:M (mask choice and update, :func:`~permsparse.optimizer.sparsegpt.
     sparsegpt_nm`) of each sibling in the order ``σ_i(perm)``: the exact objective when ``--reconstruct sparsegpt``

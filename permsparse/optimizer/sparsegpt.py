@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from permsparse.errors import PermsparseError
+from permsparse.optimizer.importance import DEFAULT_DAMP
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class SparseGPTResult:
     seconds: float
 
 
-def dampened_hessian(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, float, np.ndarray]:
+def dampened_hessian(hessian: np.ndarray, damp: float = DEFAULT_DAMP) -> tuple[np.ndarray, float, np.ndarray]:
     """``(H + λI with dead diagonals set to 1 + λ, λ, dead)`` in float64, ``λ = damp · mean(diag H)``.
 
     A dead channel's row and column of a Gram matrix are zero, so giving it any positive diagonal decouples it. When H
@@ -109,7 +110,7 @@ def _cholesky_inverse_upper(hd: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(inv[::-1, ::-1]))
 
 
-def inverse_hessian_diag(hessian: np.ndarray, damp: float = 0.01) -> np.ndarray:
+def inverse_hessian_diag(hessian: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
     """``diag((H + λI)⁻¹)`` (float64, the OBS denominator), λ and dead channels as in :func:`dampened_hessian`."""
     hd, _, _ = dampened_hessian(hessian, damp)
     h = torch.as_tensor(hd, dtype=torch.float64)
@@ -182,7 +183,7 @@ def masked_least_squares(h: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, x
 
 
 def sparsegpt_nm(w: np.ndarray, hessian: np.ndarray, n: int, m: int, *, perm: np.ndarray | None = None,
-                 damp: float = 0.01, block_size: int = 128, mask: np.ndarray | None = None,
+                 damp: float = DEFAULT_DAMP, block_size: int = 128, mask: np.ndarray | None = None,
                  refine_iters: int = 0, compute_error: bool = True,
                  device: str | torch.device = "cpu") -> SparseGPTResult:
     """SparseGPT N:M on ``w [K, N]`` (K-major) with ``hessian [K, K] = XᵀX`` (original row order); see the module doc.

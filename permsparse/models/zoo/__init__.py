@@ -1,0 +1,8 @@
+"""The models ``permsparse export`` offers, one module per family, each registering itself in
+:data:`permsparse.models.registry.MODEL_FAMILIES`; imported here explicitly, in the order the CLI lists them.
+Nothing here imports torch: each family's loader imports its model code when it runs."""
+
+from permsparse.models.registry import EXPORTERS, MODEL_FAMILIES, model_family, model_sizes
+from permsparse.models.zoo import minilm, smollm2, vit, llama, hf  # noqa: F401  (each registers its family)
+
+__all__ = ["EXPORTERS", "MODEL_FAMILIES", "model_family", "model_sizes"]
