@@ -29,7 +29,7 @@ def plain_nm_model(src: Path, result: Any, dst: Path) -> Path:
     from permsparse.ir.graph import import_graph
     from permsparse.ir.model import load_model
     from permsparse.ir.save import save_model
-    from permsparse.optimizer.importance import compute_importance
+    from permsparse.optimizer.importance import masking_score
     from permsparse.passes.names import name_nodes
     from permsparse.passes.sparsify import mask_weight
 
@@ -50,8 +50,7 @@ def plain_nm_model(src: Path, result: Any, dst: Path) -> Path:
         def fn(stored: np.ndarray) -> np.ndarray:
             wk = np.asarray(w.k_major(stored), dtype=np.float32)
             x = x_norms.get(w.input)
-            imp = compute_importance(cfg.importance, wk, x) if (x is not None or cfg.importance == "magnitude") \
-                else np.abs(wk)
+            imp = masking_score(cfg.importance, wk, x_norm=x, missing="magnitude")
             return mask_weight(w, stored, imp, plan.pattern)[0]
         return fn
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from permsparse.ir.graph import ConstRef
-from permsparse.optimizer.base import PermutationProblem
+from permsparse.optimizer.base import PermutationProblem, SolveResult
 from permsparse.passes.analysis import Closure, Plan
 from permsparse.passes.fold import Unit
 from permsparse.pattern import NMPattern
@@ -30,17 +30,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class UnitReport:
-    """How much a unit's permutation recovered: importance kept by plain N:M vs permuted, the unstructured bound,
-    efficacy (share of the gap between plain N:M and the bound that the permutation closes), seconds."""
+    """A unit and its solver's :class:`~permsparse.optimizer.base.SolveResult`, which holds the figures once: importance
+    kept by plain N:M (``retained_identity``) vs permuted (``retained``), the unstructured ``bound``, ``efficacy``
+    (share of the gap between plain N:M and the bound that the permutation closes), ``seconds``; read through."""
 
     unit: Unit
-    retained_identity: float
-    retained: float
-    bound: float
-    efficacy: float
-    seconds: float
+    result: SolveResult
+
+    @property
+    def retained_identity(self) -> float:
+        return self.result.retained_identity
+
+    @property
+    def retained(self) -> float:
+        return self.result.retained
+
+    @property
+    def bound(self) -> float:
+        return self.result.bound
+
+    @property
+    def efficacy(self) -> float:
+        return self.result.efficacy
+
+    @property
+    def seconds(self) -> float:
+        return self.result.seconds
 
 
 def weight_values(consts: Mapping[str, ConstRef], plan: Plan, name: str) -> np.ndarray:
@@ -144,8 +161,7 @@ def solve_problems(plan: Plan, problems: list[tuple[Unit, tuple, object]], cfg,
                         learned_config=_learned_config(cfg), progress=False, executor=solver.executor,
                         checkpoint=solver.checkpoint)
     perms = {u.name: np.asarray(r.perm) for (u, _, _), r in zip(problems, results)}
-    reports = [UnitReport(u, r.retained_identity, r.retained, r.bound, r.efficacy, r.seconds)
-               for (u, _, _), r in zip(problems, results)]
+    reports = [UnitReport(u, r) for (u, _, _), r in zip(problems, results)]
     return perms, reports
 
 
@@ -202,5 +218,5 @@ def solve_units(
         )
         for u, r in zip(part, results):
             perms[u.name] = np.asarray(r.perm)
-            reports.append(UnitReport(u, r.retained_identity, r.retained, r.bound, r.efficacy, r.seconds))
+            reports.append(UnitReport(u, r))
     return perms, reports

@@ -167,9 +167,9 @@ def input_norms(src: Path, names: list[str], cfg: OptimizeConfig, progress: bool
 
 
 def importance(kind: str, wk: np.ndarray, x_norm: np.ndarray | None) -> np.ndarray:
-    from permsparse.optimizer.importance import compute_importance
+    from permsparse.optimizer.importance import masking_score
 
-    return np.asarray(compute_importance(kind, np.asarray(wk, dtype=np.float32), x_norm), dtype=np.float32)
+    return masking_score(kind, wk, x_norm=x_norm)
 
 
 def learn(run: Run, units: UnitPlan | None = None) -> dict[str, np.ndarray]:

@@ -82,15 +82,10 @@ def weight_row_perm(plan: Plan, unit: Unit | None, perm: np.ndarray | None, weig
 
 
 def score(kind: str, wk: np.ndarray, h: np.ndarray | None, damp: float) -> np.ndarray:
-    """Masking importance ``[K, N]`` from the weight and its input's H (``‖X_k‖ = sqrt(H_kk)``)."""
-    from permsparse.optimizer.importance import compute_importance
+    """Masking importance ``[K, N]`` from the weight and its input's H (``‖X_k‖ = sqrt(H_kk)``; |W| without H)."""
+    from permsparse.optimizer.importance import masking_score
 
-    if kind == "magnitude" or h is None:
-        return np.abs(wk).astype(np.float32)
-    if kind == "obs":
-        return np.asarray(compute_importance("obs", wk, hessian=h, damp=damp), dtype=np.float32)
-    x_norm = np.sqrt(np.maximum(np.diag(h), 0.0))
-    return np.asarray(compute_importance(kind, wk, x_norm), dtype=np.float32)
+    return masking_score(kind, wk, hessian=h, damp=damp, missing="magnitude")
 
 
 class Engine:
@@ -223,13 +218,9 @@ class Engine:
         return BlockReport(block.index, len(names), err_pruned, err_final, 0.0)
 
     def error(self, prog, block: Block, state: CalibState, overrides, targets) -> float:
-        num = den = 0.0
-        with torch.no_grad():
-            for b, y in zip(state.batches, targets):
-                out = prog.run({block.input: b.sparse, **b.side}, overrides=overrides)[block.output].float()
-                num += float(((out - y) ** 2).sum())
-                den += float((y**2).sum())
-        return num / max(den, 1e-30)
+        from permsparse.blockwise.finetune import block_error
+
+        return block_error(prog, block, state, overrides, targets)
 
     # ------------------------------------------------------------------------------------------------ steps
 

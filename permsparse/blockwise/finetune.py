@@ -26,6 +26,19 @@ def _stored(plan: Plan, name: str, wk: torch.Tensor) -> torch.Tensor:
     return wk if plan.weights[name].k_axis == 0 else wk.T
 
 
+def block_error(prog: Any, block: Block, state: CalibState, overrides: Mapping[str, torch.Tensor],
+                targets: list[torch.Tensor]) -> float:
+    """The block's relative output error ‖y − y_teacher‖² / ‖y_teacher‖² over all calibration batches (sums in float64
+    Python floats), with the weights in ``overrides`` substituted; the one measure of the engine and of tuning."""
+    num = den = 0.0
+    with torch.no_grad():
+        for b, y in zip(state.batches, targets):
+            out = prog.run({block.input: b.sparse, **b.side}, overrides=overrides)[block.output].float()
+            num += float(((out - y) ** 2).sum())
+            den += float((y**2).sum())
+    return num / max(den, 1e-30)
+
+
 def finetune(
     prog: Any,
     block: Block,
@@ -56,14 +69,8 @@ def finetune(
             opt.step()
             sched.step()
     tuned = {w: (p.detach() * keep[w]).numpy() for w, p in params.items()}
-    num = den = 0.0
-    with torch.no_grad():
-        overrides = {plan.weights[w].const: _stored(plan, w, torch.as_tensor(v)) for w, v in tuned.items()}
-        for b, y in zip(state.batches, targets):
-            out = prog.run({block.input: b.sparse, **b.side}, overrides=overrides)[block.output].float()
-            num += float(((out - y) ** 2).sum())
-            den += float((y**2).sum())
-    err = num / max(den, 1e-30)
+    overrides = {plan.weights[w].const: _stored(plan, w, torch.as_tensor(v)) for w, v in tuned.items()}
+    err = block_error(prog, block, state, overrides, targets)
     if not err < err_before:
         log.info("block %d: tuning did not lower the error (%.4g >= %.4g); keeping the reconstruction",
                  block.index, err, err_before)

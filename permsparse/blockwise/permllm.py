@@ -4,7 +4,8 @@ For each unit of the block (a sibling group cut by a Gather, an O→V or down→
 initial one (``p0``, from the importance baseline) refined inside windows of ``w`` channels (64, or the head size):
 one learnable cost matrix per window; Sinkhorn (``sinkhorn_iters`` iterations, temperature annealed from
 ``tau_start`` to ``tau_end``) gives the soft permutation, Hungarian the hard one, combined with a straight-through
-estimator (forward hard, gradients through the soft one). In the forward, each weight's rows are permuted, its N:M
+estimator (forward hard, gradients through the soft one); Sinkhorn, Hungarian and the hard/soft top-n are the
+learners' own (:mod:`permsparse.optimizer.relax`). In the forward, each weight's rows are permuted, its N:M
 mask is recomputed on the permuted importance (hard mask forward, soft top-n-of-m gradients), and the effective weight
 ``Pᵀ(M ⊙ P W)`` — the original row order, so the rest of the block is untouched — is substituted into the block's
 PyTorch forward. The loss is 1 − cos(block output, teacher output) per token, as PermLLM; AdamW with a cosine
@@ -24,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from permsparse.blockwise.state import CalibState
+from permsparse.optimizer.relax import hard_topn, hungarian, log_sinkhorn, soft_topn
 from permsparse.passes.analysis import Plan
 from permsparse.passes.blocks import Block
 from permsparse.passes.fold import Unit
@@ -47,33 +48,10 @@ class PermLLMConfig:
     eval_every: int = 5
 
 
-def _sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    z = logits
-    for _ in range(iters):
-        z = z - torch.logsumexp(z, dim=-1, keepdim=True)
-        z = z - torch.logsumexp(z, dim=-2, keepdim=True)
-    return z.exp()
-
-
 def _hungarian(cost: torch.Tensor) -> torch.Tensor:
-    """One-hot hard permutations maximizing the summed cost of each ``[w, w]`` window."""
-    c = cost.detach().double().numpy()
-    out = np.zeros_like(c)
-    for i in range(c.shape[0]):
-        rows, cols = linear_sum_assignment(c[i], maximize=True)
-        out[i, rows, cols] = 1.0
-    return torch.as_tensor(out, dtype=torch.float32)
-
-
-def _topn_hard(x: torch.Tensor, n: int) -> torch.Tensor:
-    idx = torch.topk(x, n, dim=-2).indices
-    return torch.zeros_like(x).scatter_(-2, idx, 1.0)
-
-
-def _topn_soft(x: torch.Tensor, n: int, temp: torch.Tensor) -> torch.Tensor:
-    top = torch.topk(x, n + 1, dim=-2).values
-    thr = 0.5 * (top[..., n - 1:n, :] + top[..., n:n + 1, :])
-    return torch.sigmoid((x - thr) / temp)
+    """One-hot hard permutations ``[W, w, w]`` maximizing the summed cost of each window (:func:`relax.hungarian`)."""
+    sigma = hungarian(cost.detach().numpy())
+    return torch.nn.functional.one_hot(torch.as_tensor(sigma), cost.shape[-1]).to(torch.float32)
 
 
 @dataclass
@@ -134,7 +112,7 @@ def learn_block_perms(
             if hard_only:
                 p = ps = hard
             else:
-                ps = _sinkhorn(c / tau, pcfg.sinkhorn_iters)
+                ps = log_sinkhorn(c / tau, pcfg.sinkhorn_iters).exp()
                 p = hard + ps - ps.detach()
             for mem in members[u.name]:
                 k, ncol = mem.w0.shape
@@ -143,11 +121,11 @@ def learn_block_perms(
                 wr = mem.w0.reshape(-1, ws, ncol)
                 sr = mem.s0.reshape(-1, ws, ncol)
                 wp = torch.bmm(pw, wr).reshape(k, ncol)
-                mask = _topn_hard(torch.bmm(hard[mem.win_ids], sr).reshape(k // m, m, ncol), n)
+                mask = hard_topn(torch.bmm(hard[mem.win_ids], sr).reshape(k // m, m, ncol), n)
                 if not hard_only:
                     soft_s = torch.bmm(ps[mem.win_ids], sr).reshape(k // m, m, ncol)
                     scale = soft_s.mean().clamp_min(1e-12) * pcfg.select_temp
-                    ms = _topn_soft(soft_s, n, scale)
+                    ms = soft_topn(soft_s, n, scale)
                     mask = mask + ms - ms.detach()
                 eff_p = (mask.reshape(k, ncol) * wp).reshape(-1, ws, ncol)
                 eff0 = torch.bmm(pw.transpose(1, 2), eff_p).reshape(k, ncol)  # back to the p0 order

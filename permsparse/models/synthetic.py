@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from permsparse.errors import PermsparseError
-from permsparse.models.llama import LlamaConfig
+from permsparse.models.llama import LLAMA_PRESETS, LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,16 @@ GENERATOR_VERSION = 1
 
 #: LLaMA-2-7B shapes (32 layers, hidden 4096, MLP 11008, 32 heads, no GQA, vocab 32000).
 LLAMA2_7B = {"layers": 32, "hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32, "vocab": 32000}
-#: TinyLlama-1.1B shapes (the ``1b`` preset of ``export llama``).
-TINYLLAMA_1B = {"layers": 22, "hidden": 2048, "intermediate": 5632, "heads": 32, "kv_heads": 4, "vocab": 32000}
+
+
+def shapes_of(cfg: LlamaConfig) -> dict[str, int]:
+    """The keyword shapes of :func:`make_config` (and :func:`write_llama`) for ``cfg``."""
+    return {"layers": cfg.n_layers, "hidden": cfg.dim, "intermediate": cfg.ffn_dim, "heads": cfg.n_heads,
+            "kv_heads": cfg.n_kv_heads, "vocab": cfg.vocab_size}
+
+
+#: TinyLlama-1.1B shapes: the ``1b`` preset of ``export llama`` (:data:`permsparse.models.llama.LLAMA_PRESETS`).
+TINYLLAMA_1B = shapes_of(LLAMA_PRESETS["1b"])
 
 
 @dataclass(frozen=True)
