@@ -7,7 +7,11 @@ import pytest
 
 from permsparse.errors import PermsparseError
 from permsparse.optimizer.base import nm_keep_mask
-from permsparse.optimizer.importance import DEFAULT_DAMP, IMPORTANCES, compute_importance
+from permsparse.optimizer.importance import (
+    DEFAULT_DAMP,
+    IMPORTANCES,
+    compute_importance,
+)
 from permsparse.optimizer.sparsegpt import (
     dampened_hessian,
     relative_error,

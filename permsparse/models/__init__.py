@@ -52,4 +52,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = sorted([*_LAZY, "MODEL_NAMES"])
+__all__ = ["MODEL_NAMES", *_LAZY]  # noqa: PLE0604  (the keys of _LAZY are names)
