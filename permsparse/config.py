@@ -17,7 +17,8 @@ from permsparse.errors import UsageError
 from permsparse.ir.compare import DEFAULT_RTOL
 from permsparse.models.zoo import EXPORTERS as _EXPORTERS
 from permsparse.models.zoo import MODEL_FAMILIES, model_sizes
-from permsparse.optimizer.importance import DEFAULT_DAMP, IMPORTANCE_REGISTRY
+from permsparse.optimizer.hessian import DEFAULT_DAMP
+from permsparse.optimizer.importance import IMPORTANCE_REGISTRY
 from permsparse.optimizer.methods import METHOD_FACTORIES
 from permsparse.pattern import NMPattern
 
@@ -70,7 +71,7 @@ class OptimizeConfig:
         teacher: target of block-wise steps: ``dense`` (the dense model's own block outputs, so later blocks
             compensate earlier errors) or ``local`` (the dense block applied to the pruned stream); default dense.
         damp: SparseGPT dampening, a share of mean(diag H); default
-            :data:`permsparse.optimizer.importance.DEFAULT_DAMP` (0.1).
+            :data:`permsparse.optimizer.hessian.DEFAULT_DAMP` (0.1).
         mask: apply the masks (``False`` writes the permuted dense model); default True.
         prune_head: also prune weights that write a graph output; default False.
         exclude: regular expressions of weights kept dense.

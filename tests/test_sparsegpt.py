@@ -7,11 +7,8 @@ import pytest
 
 from permsparse.errors import PermsparseError
 from permsparse.optimizer.base import nm_keep_mask
-from permsparse.optimizer.importance import (
-    DEFAULT_DAMP,
-    IMPORTANCES,
-    compute_importance,
-)
+from permsparse.optimizer.hessian import DEFAULT_DAMP
+from permsparse.optimizer.importance import IMPORTANCES, compute_importance
 from permsparse.optimizer.sparsegpt import (
     dampened_hessian,
     relative_error,

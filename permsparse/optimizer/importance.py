@@ -15,7 +15,7 @@ Scores are non-negative ``float32`` arrays shaped like ``W`` (sums are taken in 
   layout output ``n`` is column ``n`` (sum over axis 0) and input ``k`` is row ``k`` (sum over axis 1), so
   ``RI[k, n] = |W| / colsum_n + |W| / rowsum_k``; the activation factor ``||X_k||^a`` multiplies rows.
 - ``obs`` (Optimal Brain Surgeon, as SparseGPT's mask rule): ``W_kn² / [H⁻¹]_kk`` with ``H = XᵀX + λI``
-  (``λ = damp · mean(diag H)``, :func:`permsparse.optimizer.sparsegpt.dampened_hessian`): the output error of
+  (``λ = damp · mean(diag H)``, :func:`permsparse.optimizer.hessian.dampened_hessian`): the output error of
   removing ``W_kn`` alone when every other weight of column n is re-fitted. Needs the Hessian ``XᵀX [K, K]`` (or the
   diagonal of its dampened inverse) instead of ``x_norm``. It is equivariant under row permutations, so it can serve
   as the masking score of a permutation problem (the diagonal surrogate of the error after reconstruction).
@@ -40,14 +40,11 @@ from typing import Any, Literal
 import numpy as np
 
 from permsparse.errors import PermsparseError
+from permsparse.optimizer.hessian import DEFAULT_DAMP, inverse_hessian_diag
 
 logger = logging.getLogger(__name__)
 
 RIA_DEFAULT_A = 0.5
-DEFAULT_DAMP = 0.1
-"""SparseGPT/OBS dampening ``λ = damp · mean(diag H)``: the one default of ``--damp``, of the SparseGPT solve
-(:mod:`permsparse.optimizer.sparsegpt`), of the OBS score and of the reconstruction objective (0.01, SparseGPT's
-paper value, overfits the few calibration tokens: MiniLM pooled cosine 0.848 at 0.01 vs 0.859 at 0.1)."""
 
 
 def _as_weight(W: Any) -> np.ndarray:
@@ -118,8 +115,6 @@ def obs(W: np.ndarray, hessian: np.ndarray | None = None, *, hinv_diag: np.ndarr
         if h.shape != (k, k):
             raise PermsparseError(f"obs: the Hessian is {h.shape} but the weight has K={k} input rows; pass XᵀX "
                                   "of the tensor this weight reads (its MatMul A input)")
-        from permsparse.optimizer.sparsegpt import inverse_hessian_diag
-
         hinv_diag = inverse_hessian_diag(h, damp)
     d = np.asarray(hinv_diag, dtype=np.float64).reshape(-1)
     if d.shape != (k,) or not np.all(np.isfinite(d)) or np.any(d <= 0):

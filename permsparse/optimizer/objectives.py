@@ -32,7 +32,7 @@ from permsparse.optimizer.base import (
     nm_keep_mask,
     sibling_rows,
 )
-from permsparse.optimizer.importance import DEFAULT_DAMP
+from permsparse.optimizer.hessian import DEFAULT_DAMP
 
 
 def term_masks(term: OutputTerm, perm: np.ndarray, n: int, m: int) -> np.ndarray:

@@ -35,7 +35,11 @@ import numpy as np
 import torch
 
 from permsparse.errors import PermsparseError
-from permsparse.optimizer.importance import DEFAULT_DAMP
+from permsparse.optimizer.hessian import (
+    DEFAULT_DAMP,
+    dampened_hessian,
+    inverse_hessian_diag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,31 +67,6 @@ class SparseGPTResult:
     seconds: float
 
 
-def dampened_hessian(hessian: np.ndarray, damp: float = DEFAULT_DAMP) -> tuple[np.ndarray, float, np.ndarray]:
-    """``(H + λI with dead diagonals set to 1 + λ, λ, dead)`` in float64, ``λ = damp · mean(diag H)``.
-
-    A dead channel's row and column of a Gram matrix are zero, so giving it any positive diagonal decouples it. When H
-    is all zero, λ = damp (so the factorization still exists).
-    """
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise PermsparseError(f"the Hessian must be square [K, K], got {h.shape}")
-    if not np.all(np.isfinite(h)):
-        raise PermsparseError("the Hessian has NaN/inf entries; recollect calibration statistics (fp16 overflow?)")
-    diag = np.diag(h).copy()
-    if np.any(diag < 0.0):
-        raise PermsparseError("the Hessian has negative diagonal entries, so it is not a Gram matrix XᵀX; pass the "
-                              "sum of xᵀx over calibration tokens of the weight's input")
-    dead = diag == 0.0
-    lam = float(damp) * float(diag.mean()) if diag.size else 0.0
-    if lam <= 0.0:
-        lam = float(damp) if damp > 0 else 1e-8
-    idx = np.arange(h.shape[0])
-    h[idx, idx] += lam
-    h[idx[dead], idx[dead]] = 1.0 + lam
-    return h, lam, dead
-
-
 def _cholesky_inverse_upper(hd: np.ndarray) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``H_d⁻¹`` (``H_d⁻¹ = UᵀU``, float64 torch) from ONE factorization.
 
@@ -108,16 +87,6 @@ def _cholesky_inverse_upper(hd: np.ndarray) -> torch.Tensor:
         raise PermsparseError("SparseGPT: the Cholesky factor of the Hessian is singular; raise the dampening")
     # the strict upper triangle of ``inv`` is the (zero) upper triangle torch's factor came with
     return torch.as_tensor(np.ascontiguousarray(inv[::-1, ::-1]))
-
-
-def inverse_hessian_diag(hessian: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
-    """``diag((H + λI)⁻¹)`` (float64, the OBS denominator), λ and dead channels as in :func:`dampened_hessian`."""
-    hd, _, _ = dampened_hessian(hessian, damp)
-    h = torch.as_tensor(hd, dtype=torch.float64)
-    lower, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        raise PermsparseError("OBS importance: the dampened Hessian is not positive definite; raise the dampening")
-    return torch.cholesky_inverse(lower).diagonal().numpy().copy()
 
 
 def _check_perm(perm: np.ndarray | None, k: int) -> np.ndarray:
