@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from permsparse.errors import UsageError
 from permsparse.ir.compare import DEFAULT_RTOL
 from permsparse.pattern import NMPattern
+from permsparse.runtime.backends import DEVICES, backend_names  # noqa: F401  (DEVICES re-exported for the CLI)
 
 if TYPE_CHECKING:
     from permsparse.ir.shapes import ShapeSpec
@@ -29,7 +30,7 @@ CHECKS: tuple[str, ...] = ("auto", "whole", "blocks")
 #: build / bench / export.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 PRECISION_MODES: tuple[str, ...] = ("auto", "flags", "onnx")
-BACKENDS: tuple[str, ...] = ("ort", "torch", "tensorrt")
+BACKENDS: tuple[str, ...] = backend_names()  # the registry in permsparse/runtime/backends/
 SPARSE_METHODS: tuple[str, ...] = ("semi", "cutlass", "cusparselt", "cslt")
 EXPORTERS: tuple[str, ...] = ("dynamo", "legacy")
 MODEL_NAMES: tuple[str, ...] = ("minilm", "smollm2", "vit", "llama", "hf")

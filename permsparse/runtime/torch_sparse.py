@@ -20,9 +20,9 @@ import numpy as np
 
 from permsparse.runtime.timing import TimingStats, auto_inner, time_callable
 
-logger = logging.getLogger(__name__)
-
 from permsparse.config import SPARSE_METHODS
+
+logger = logging.getLogger(__name__)
 
 DTYPES: tuple[str, ...] = ("fp16", "bf16")
 
@@ -174,18 +174,22 @@ def time_linear(
     iters: int = 50,
     warmup: int = 10,
     seed: int = 0,
+    device: str = "cuda",
 ) -> LinearTiming:
-    """Time dense vs sparse ``x[T, K] @ W[K, N]`` on the current CUDA device.
+    """Time dense vs sparse ``x[T, K] @ W[K, N]`` on ``device`` (the current CUDA device by default).
 
     ``weight_nk`` (``[N, K]``, already 2:4 along K) is used when given; otherwise a random weight is 2:4-masked.
     Relative errors are ‖y − y_dense‖ / ‖y_dense‖ with the same masked weight, so they measure the kernel only.
+    On ``device="cpu"`` (the CPU rehearsal) only the dense product is timed; every 2:4 method is recorded as failed
+    ("2:4 kernels need CUDA").
     """
     import torch
     import torch.nn.functional as F
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("time_linear needs a CUDA GPU")
-    dev = torch.device("cuda")
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("time_linear needs a CUDA GPU (or device='cpu' for a dense-only rehearsal)")
+    dev = torch.device(device)
     dt = torch_dtype(dtype)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if weight_nk is None:
@@ -195,13 +199,17 @@ def time_linear(
     x = torch.randn(shape.tokens, shape.k, generator=gen).to(dev, dt)
     dense_fn = lambda: F.linear(x, w)
     ref = dense_fn().float()
-    inner = auto_inner(dense_fn, cuda=True)
-    dense = time_callable(dense_fn, iters=iters, warmup=warmup, cuda=True, inner=inner)
+    inner = auto_inner(dense_fn, cuda=cuda)
+    dense = time_callable(dense_fn, iters=iters, warmup=warmup, cuda=cuda, inner=inner)
     sparse: dict[str, TimingStats | None] = {}
     errors: dict[str, str] = {}
     rel: dict[str, float] = {}
     alg_id = None
     for method in methods:
+        if not cuda:
+            sparse[method] = None
+            errors[method] = "not run: 2:4 kernels need CUDA (CPU rehearsal)"
+            continue
         try:
             fn, alg = sparse_linear_fn(w, x, method)
             out = fn().float()
