@@ -123,10 +123,11 @@ layers() {
   local dev="$1" tiny="$2" iters="$3" md="$4" json="$5"
   local dtypes=(fp16 bf16) methods=(semi cslt)
   [[ -n "$tiny" ]] && dtypes=(fp32) && methods=(semi)
-  run() {  # LABEL SHAPE...
+  run() {  # LABEL [--cuda-graph] SHAPE...
     local label="$1"; shift
+    local graph=(); [[ "${1:-}" == --cuda-graph ]] && { graph=(--cuda-graph); shift; }
     local args=(); for s in "$@"; do args+=(--shape "$s"); done
-    "$PY" bench/linear_sparse.py "${args[@]}" --dtype "${dtypes[@]}" --methods "${methods[@]}" --device "$dev" \
+    "$PY" bench/linear_sparse.py "${args[@]}" "${graph[@]}" --dtype "${dtypes[@]}" --methods "${methods[@]}" --device "$dev" \
       --iters "$iters" --warmup 3 --label "$label" --md "$md" --json "$json" > /dev/null \
       || { echo "- $label: exit $?" >> "$md"; FAILED=1; }
   }
@@ -138,20 +139,22 @@ layers() {
     echo "ms per call over ${iters} samples; the last row of each table is the model's linear-layer total (sum of medians × count)."
     echo
   } >> "$md"
-  [[ -n "$tiny" ]] && { run "tiny rehearsal" "a=16x64x64*2" "b=16x64x256"; return $FAILED; }
+  if [[ -n "$tiny" ]]; then run "tiny rehearsal" "a=16x64x64*2" "b=16x64x256"; run "tiny, graph flag" --cuda-graph "a=16x64x64"; return $FAILED; fi
   local T
-  for B in 1 8 64; do T=$((197 * B)); run "ViT-B/16 batch $B ($T tokens)" "qkvo=${T}x768x768*48" "fc1=${T}x768x3072*12" "fc2=${T}x3072x768*12"; done
+  # Eager calls (host work per call included) once, for ViT-B/16 batch 64; every other table replays CUDA graphs.
+  run "ViT-B/16 batch 64 (12608 tokens), eager" "qkvo=12608x768x768*48" "fc1=12608x768x3072*12" "fc2=12608x3072x768*12"
+  for B in 1 8 64; do T=$((197 * B)); run "ViT-B/16 batch $B ($T tokens)" --cuda-graph "qkvo=${T}x768x768*48" "fc1=${T}x768x3072*12" "fc2=${T}x3072x768*12"; done
   # TinyLlama-1.1B shapes (the 1B model below): hidden 2048, 22 layers, 32 heads, 4 KV heads x 64, SwiGLU 5632.
   for T in 2048 1 64; do
-    run "LLaMA-1B $([[ $T == 2048 ]] && echo prefill 2048 || echo decode batch $T)" "q_o=${T}x2048x2048*44" \
+    run "LLaMA-1B $([[ $T == 2048 ]] && echo prefill 2048 || echo decode batch $T)" --cuda-graph "q_o=${T}x2048x2048*44" \
       "k_v=${T}x2048x256*44" "gate_up=${T}x2048x5632*44" "down=${T}x5632x2048*22"
   done
   # SmolLM2-135M: hidden 576, 30 layers, 9 heads, 3 KV heads x 64, SwiGLU 1536.
-  run "SmolLM2-135M prefill 2048" "q_o=2048x576x576*60" "k_v=2048x576x192*60" "gate_up=2048x576x1536*60" "down=2048x1536x576*30"
-  for B in 16 128; do T=$((128 * B)); run "BERT-base batch $B x 128 ($T tokens)" "qkvo=${T}x768x768*48" "fc1=${T}x768x3072*12" "fc2=${T}x3072x768*12"; done
+  run "SmolLM2-135M prefill 2048" --cuda-graph "q_o=2048x576x576*60" "k_v=2048x576x192*60" "gate_up=2048x576x1536*60" "down=2048x1536x576*30"
+  for B in 16 128; do T=$((128 * B)); run "BERT-base batch $B x 128 ($T tokens)" --cuda-graph "qkvo=${T}x768x768*48" "fc1=${T}x768x3072*12" "fc2=${T}x3072x768*12"; done
   return $FAILED
 }
-step layers 150 bash -c "$(declare -f layers); PY='$PY' layers '$DEVICE' '$TINY' '$ITERS' '$PARTS/3-layers.md' '$WORK/layers.jsonl'"
+step layers 120 bash -c "$(declare -f layers); PY='$PY' layers '$DEVICE' '$TINY' '$ITERS' '$PARTS/3-layers.md' '$WORK/layers.jsonl'"
 
 # ---- whole models ----------------------------------------------------------------------------------------------
 if [[ -n "${MODELS_PID:-}" ]]; then
@@ -160,8 +163,8 @@ if [[ -n "${MODELS_PID:-}" ]]; then
   { echo "## Models made for this run"; echo; echo '```'; cat "$MODELS_JSON"; echo '```'; } > "$PARTS/4-models.md"
 fi
 COMPILE=(--compile vit-b64)
-step whole 200 "$PY" bench/gpu/whole_model.py --models-json "$MODELS_JSON" --device "$DEVICE" --precision "$PREC" \
-  --iters "$ITERS" --warmup 3 $TINY "${COMPILE[@]}" --budget-s 180 --md "$PARTS/5-whole.md" --json "$WORK/whole.jsonl"
+step whole 260 "$PY" bench/gpu/whole_model.py --models-json "$MODELS_JSON" --device "$DEVICE" --precision "$PREC" \
+  --iters "$ITERS" --warmup 3 $TINY "${COMPILE[@]}" --budget-s 240 --md "$PARTS/5-whole.md" --json "$WORK/whole.jsonl"
 
 # ---- optimize on CUDA vs CPU -----------------------------------------------------------------------------------
 optimize_md() {

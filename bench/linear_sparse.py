@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, default=None, help="append the Markdown table to this file")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per dtype to this file")
     ap.add_argument("--env", action="store_true", help="print the environment (versions, GPU) as Markdown first")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time replays of a CUDA graph (no per-call host work, as the whole-model evaluator runs)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: a dense-only rehearsal (2:4 methods are recorded as not run)")
     args = ap.parse_args(argv)
@@ -96,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.env:
         out.append("| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in env.items()))
     for dtype in args.dtype:
-        timings = [time_linear(s, dtype, args.methods, iters=args.iters, warmup=args.warmup, device=args.device)
+        timings = [time_linear(s, dtype, args.methods, iters=args.iters, warmup=args.warmup, device=args.device,
+                               graph=args.cuda_graph)
                    for s in shapes]
-        out.append(table(args.label, dtype, args.methods, timings))
+        out.append(table(args.label + (" (CUDA graph)" if args.cuda_graph else ""), dtype, args.methods, timings))
         if args.json:
             rec = {
                 "date": _dt.datetime.now().isoformat(timespec="seconds"),

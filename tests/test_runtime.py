@@ -605,3 +605,26 @@ def test_gpu_sh_dry_run_full(tmp_path: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ") and "[tiny shapes]" in line]
     assert len(rows) == 11 and all("×**" in line for line in rows), rows
     assert (tmp_path / "r.jsonl").stat().st_size > 0
+
+
+def test_torch_evaluator_recut_keeps_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path's re-cut (host tensors read by device ops fed once as inputs) computes what the full program
+    does. Rehearsed on CPU by pretending that only integer/bool tensors live on the host."""
+    import permsparse
+    from permsparse import ExportConfig
+    from permsparse.runtime import torch_eval
+
+    path = permsparse.export("llama", tmp_path / "llama.onnx", ExportConfig(exporter="legacy"))
+    ev = torch_eval.SparseEvaluator(path, device="cpu")
+    try:
+        ids = np.random.default_rng(0).integers(0, 200, size=(2, 7)).astype(np.int64)
+        staged = ev.stage({"input_ids": ids})
+        ref = ev.program.run(staged)["logits"]
+        monkeypatch.setattr(torch_eval, "_on_host", lambda t: not t.is_floating_point())
+        program, fed = ev._recut(dict(staged))
+        assert ev.frontier and set(fed) == {"input_ids", *ev.frontier}  # e.g. the causal mask, RoPE positions
+        assert len(program) < len(ev.program)  # the host-side nodes behind the frontier are gone
+        got = program.run(fed)["logits"]
+        assert np.array_equal(got.numpy(), ref.numpy())
+    finally:
+        ev.close()

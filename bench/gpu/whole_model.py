@@ -21,20 +21,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-ROWS = {  # row id -> (model, label, shapes (full), shapes (tiny))
+ROWS = {  # row id -> (model, label, shapes (full), shapes (tiny)); cheap models first, so a spent budget cuts the 1B
     "vit-b1": ("vit", "ViT-B/16 batch 1", ["pixel_values:1x3x224x224"], ["pixel_values:1x3x32x32"]),
     "vit-b8": ("vit", "ViT-B/16 batch 8", ["pixel_values:8x3x224x224"], ["pixel_values:2x3x32x32"]),
     "vit-b64": ("vit", "ViT-B/16 batch 64", ["pixel_values:64x3x224x224"], ["pixel_values:4x3x32x32"]),
+    "bert-b16": ("bert", "BERT-base batch 16 × 128", ["input_ids:16x128", "attention_mask:16x128"],
+                 ["input_ids:2x16", "attention_mask:2x16"]),
+    "bert-b128": ("bert", "BERT-base batch 128 × 128", ["input_ids:128x128", "attention_mask:128x128"],
+                  ["input_ids:4x16", "attention_mask:4x16"]),
     "smollm2-prefill": ("smollm2", "SmolLM2-135M prefill 2048", ["input_ids:1x2048"], ["input_ids:1x32"]),
     "smollm2-decode1": ("smollm2", "SmolLM2-135M decode batch 1", ["input_ids:1x1"], ["input_ids:1x1"]),
     "smollm2-decode64": ("smollm2", "SmolLM2-135M decode batch 64", ["input_ids:64x1"], ["input_ids:4x1"]),
     "llama1b-prefill": ("llama1b", "LLaMA-1B prefill 2048", ["input_ids:1x2048"], ["input_ids:1x32"]),
     "llama1b-decode1": ("llama1b", "LLaMA-1B decode batch 1", ["input_ids:1x1"], ["input_ids:1x1"]),
     "llama1b-decode64": ("llama1b", "LLaMA-1B decode batch 64", ["input_ids:64x1"], ["input_ids:4x1"]),
-    "bert-b16": ("bert", "BERT-base batch 16 × 128", ["input_ids:16x128", "attention_mask:16x128"],
-                 ["input_ids:2x16", "attention_mask:2x16"]),
-    "bert-b128": ("bert", "BERT-base batch 128 × 128", ["input_ids:128x128", "attention_mask:128x128"],
-                  ["input_ids:4x16", "attention_mask:4x16"]),
 }
 
 

@@ -62,8 +62,8 @@ class BenchResult:
 
     @property
     def total(self) -> BenchRow:
-        """The last row is the model (or all-linear-layers) total."""
-        return self.rows[-1]
+        """The model row: dense vs sparse on the same backend (extra rows compare other dense baselines)."""
+        return self.rows[0]
 
     def table(self) -> str:
         return format_table(self)

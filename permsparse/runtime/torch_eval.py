@@ -108,13 +108,13 @@ class Linear24:
                 ws = to_sparse_semi_structured(w_nk)
             finally:
                 SparseSemiStructuredTensor._FORCE_CUTLASS = old
-            return lambda x: F.linear(x, ws)
+            return lambda x: F.linear(x.contiguous(), ws)
         if method == "cslt":
             wc = torch._cslt_compress(w_nk)
             n = self.n
 
             def cslt(x: torch.Tensor) -> torch.Tensor:
-                x2 = x.reshape(-1, x.shape[-1])
+                x2 = x.reshape(-1, x.shape[-1]).contiguous()
                 y = torch._cslt_sparse_mm(wc, x2.t(), transpose_result=True)
                 return y.reshape(*x.shape[:-1], n)
 
@@ -157,6 +157,11 @@ def _lowered_array(a: np.ndarray, precision: str) -> np.ndarray | torch.Tensor:
         lim = float(np.finfo(np.float16).max)
         return np.clip(a, -lim, lim).astype(np.float16)
     return torch.from_numpy(np.array(a, dtype=np.float32)).to(torch.bfloat16)  # a writable copy; fp32 range
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives on the host (a module function, so a CPU test can pretend floats live on a device)."""
+    return t.device.type == "cpu"
 
 
 class SparseEvaluator:
@@ -332,9 +337,14 @@ class SparseEvaluator:
             torch.cuda.synchronize()
             ref = self._eager(program, staged)
             for k, v in ref.items():
-                if not torch.equal(v, self._graph_out[k]):
+                got = self._graph_out[k]
+                if v.is_floating_point():
+                    bad = float((got.float() - v.float()).abs().max()) > 1e-3 * float(v.float().abs().max()) + 1e-6
+                else:
+                    bad = not torch.equal(got, v)
+                if bad:
                     raise RuntimeError(f"replayed output {k!r} differs from the eager run")
-            self.notes.append("CUDA graph: captured (replay equals the eager run)")
+            self.notes.append("CUDA graph: captured (replay matches the eager run)")
             self._graph = graph
             return graph.replay
         except Exception as exc:
@@ -355,7 +365,7 @@ class SparseEvaluator:
 
         def hook(name: str, value: Any) -> None:
             if isinstance(value, torch.Tensor):
-                if value.device.type == "cpu":
+                if _on_host(value):
                     host[name] = value
                 else:
                     on_device.add(name)
@@ -380,6 +390,7 @@ class SparseEvaluator:
         program = self._program(self.inputs + frontier, provider=lambda n: base.constant(n))
         fed = dict(staged)
         fed.update({x: host[x].to(self.device) for x in frontier})
+        self.frontier = frontier
         logger.info("torch evaluator: %d host tensors computed once and fed to the device", len(frontier))
         return program, fed
 
@@ -401,8 +412,7 @@ def compiled_runner(evaluator: SparseEvaluator, feeds: Mapping[str, np.ndarray])
     def forward(**kw: torch.Tensor) -> dict[str, torch.Tensor]:
         return program.run(kw)
 
-    mode = "max-autotune-no-cudagraphs" if evaluator.device.type == "cuda" else None
-    fn = torch.compile(forward, mode=mode, dynamic=False)
+    fn = torch.compile(forward, dynamic=False)  # default mode: no autotuning (minutes), no CUDA graphs
     quiet = logging.getLogger("torch._dynamo")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # graph breaks at shape arithmetic are expected; they are not errors

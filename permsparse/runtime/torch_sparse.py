@@ -166,6 +166,28 @@ def sparse_linear_fn(w_nk: Any, x: Any, method: str) -> tuple[Callable[[], Any],
     raise ValueError(f"unknown sparse method '{method}'; choose from {', '.join(SPARSE_METHODS)}")
 
 
+def in_cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured once in a CUDA graph (after warm-up on a side stream); the result replays it and returns the
+    captured output tensor. Raises if ``fn`` cannot be captured (host synchronization, host-side allocation...)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+
+    def replay() -> Any:
+        g.replay()
+        return out
+
+    return replay
+
+
 def time_linear(
     shape: LinearShape,
     dtype: str = "fp16",
@@ -175,13 +197,15 @@ def time_linear(
     warmup: int = 10,
     seed: int = 0,
     device: str = "cuda",
+    graph: bool = False,
 ) -> LinearTiming:
     """Time dense vs sparse ``x[T, K] @ W[K, N]`` on ``device`` (the current CUDA device by default).
 
     ``weight_nk`` (``[N, K]``, already 2:4 along K) is used when given; otherwise a random weight is 2:4-masked.
     Relative errors are ‖y − y_dense‖ / ‖y_dense‖ with the same masked weight, so they measure the kernel only.
     On ``device="cpu"`` (the CPU rehearsal) only the dense product is timed; every 2:4 method is recorded as failed
-    ("2:4 kernels need CUDA").
+    ("2:4 kernels need CUDA"). ``graph``: time each call replayed from a CUDA graph (what the whole-model evaluator
+    does), which leaves out per-call host work such as cuSPARSELt's plan set-up inside ``torch._cslt_sparse_mm``.
     """
     import torch
     import torch.nn.functional as F
@@ -198,6 +222,8 @@ def time_linear(
         w = torch.from_numpy(np.ascontiguousarray(weight_nk, dtype=np.float32)).to(dev, dt)
     x = torch.randn(shape.tokens, shape.k, generator=gen).to(dev, dt)
     dense_fn = lambda: F.linear(x, w)
+    if graph and cuda:
+        dense_fn = in_cuda_graph(dense_fn)
     ref = dense_fn().float()
     inner = auto_inner(dense_fn, cuda=cuda)
     dense = time_callable(dense_fn, iters=iters, warmup=warmup, cuda=cuda, inner=inner)
@@ -212,6 +238,8 @@ def time_linear(
             continue
         try:
             fn, alg = sparse_linear_fn(w, x, method)
+            if graph:
+                fn = in_cuda_graph(fn)
             out = fn().float()
             if out.shape != ref.shape:
                 raise RuntimeError(f"output shape {tuple(out.shape)} != {tuple(ref.shape)}")
