@@ -61,6 +61,22 @@ def _linear24(node: Node) -> OpFunction:
     return kernel
 
 
+SELECT_OP = "PermsparseSelect"
+
+
+@register(SELECT_OP)
+def _select(node: Node) -> OpFunction:
+    """``Gather(x, i)`` with a constant scalar ``i``: ``x.select(axis, i)`` (negative ``i`` counts from the end), with
+    ``i`` a Python int, so no index tensor travels to the device on each call."""
+    axis, index = int(node.attrs["axis"]), int(node.attrs["index"])
+
+    def select(x: torch.Tensor) -> torch.Tensor:
+        a = axis + x.dim() if axis < 0 else axis
+        return x.select(a, index + x.shape[a] if index < 0 else index)
+
+    return select
+
+
 class Linear24:
     """``y = x @ W (+ bias)`` for one weight ``W[K, N]`` that is 2:4 along K, compressed once.
 
@@ -213,6 +229,13 @@ class SparseEvaluator:
     def _rewrite(self, node: onnx.NodeProto, index: ModelIndex) -> onnx.NodeProto:
         if self.lower:
             node = self._lower(node)
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.input) == 2 and index.is_constant(
+                node.input[1]):
+            idx = index.constant(node.input[1])
+            if idx is not None and idx.ndim == 0 and idx.dtype.kind in "iu":
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                return helper.make_node(SELECT_OP, [node.input[0]], list(node.output), name=node.name,
+                                        axis=int(axis), index=int(idx))
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             return node
         w_name = node.input[1]
@@ -384,6 +407,15 @@ class SparseEvaluator:
             return pos not in shape_pos and any(o in on_device for o in node.output if o)
 
         frontier = [x for x in host if readers.get(x) and all(device_data_read(n, p) for n, p in readers[x])]
+        # Integer/bool constants read as data by device ops (e.g. a permutation Gather's indices): staged once too.
+        for x, users in readers.items():
+            if x in host or x in staged or not self._index.is_constant(x):
+                continue
+            value = self.program.constant(x) if x in self.program.weight_names else None
+            if value is not None and not value.is_floating_point() and _on_host(value) and all(
+                    device_data_read(n, p) for n, p in users):
+                host[x] = value
+                frontier.append(x)
         if not frontier:
             return self.program, staged
         base = self.program
