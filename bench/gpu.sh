@@ -193,8 +193,10 @@ trt_md() {
   local dev="$1" work="$2" tiny="$3" iters="$4"
   echo "## TensorRT-RTX"; echo
   if ! "$PY" -c "import tensorrt_rtx" 2>/dev/null && ! "$PY" -c "import tensorrt" 2>/dev/null; then
-    if [[ -d .trt ]] && ls .trt/*.part* > /dev/null 2>&1; then
-      bash bench/gpu/trt_rtx_parts.sh install .trt /tmp/trt-site || { echo "reassembly/install of the carried parts failed"; return 0; }
+    local parts=""
+    for d in "${TRT_PARTS:-/tmp/trt-parts}" .trt; do ls "$d"/*.part* > /dev/null 2>&1 && { parts=$d; break; }; done
+    if [[ -n "$parts" ]]; then
+      bash bench/gpu/trt_rtx_parts.sh install "$parts" /tmp/trt-site || { echo "reassembly/install of the carried parts failed"; return 0; }
       export PYTHONPATH="/tmp/trt-site:$PYTHONPATH"
     else
       echo "skipped: neither tensorrt nor tensorrt_rtx imports, and no wheel parts were carried (.trt/; see bench/gpu/trt_rtx_parts.sh)."

@@ -80,6 +80,7 @@ def child(dtype: str, shapes: list[str], iters: int, lib_path: str) -> None:
     def emit(**rec: object) -> None:
         print(json.dumps(rec), flush=True)
 
+    torch.zeros(1, device="cuda")  # the CUDA context and torch's CUDA libraries first, then cuSPARSELt
     lib = ctypes.CDLL(lib_path)
     tdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     cdt = {"fp16": CUDA_R_16F, "bf16": CUDA_R_16BF}[dtype]

@@ -29,13 +29,15 @@ case "$cmd" in
       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$dir" "$pkg==$VERSION" || python3 -m pip download --no-deps -d "$dir" "$pkg==$VERSION"
-    done ;;
+    done
+    # fp16 engines need the ONNX converted first (permsparse.runtime.precision): onnxconverter-common is pure Python
+    python3 -m pip download --no-deps -d "$dir" "onnxconverter-common==1.16.0" ;;
   split)
     cd "$dir"
     : > manifest.sha256
     for w in *.whl; do
       sha256sum "$w" >> manifest.sha256
-      split -b "$PART_SIZE" -d -a 2 "$w" "$w.part"
+      split -b "$PART_SIZE" -d -a 2 "$w" "$w.part"   # a small wheel gives one part, part00
       rm "$w"
     done
     ls -l ;;

@@ -38,6 +38,27 @@ ROWS = {  # row id -> (model, label, shapes (full), shapes (tiny)); cheap models
 }
 
 
+#: Rows whose sparse model is also run on onnxruntime (CPU) as a reference: the cheap ones (the 1B is 4.4 GB).
+REFERENCE = {"vit-b1", "vit-b8", "bert-b16", "smollm2-prefill", "smollm2-decode1", "smollm2-decode64"}
+
+
+def tokens(shapes: list[str]) -> int:
+    """Rows of activations each linear layer sees: batch × sequence (ViT-B/16: batch × 197 patches + CLS)."""
+    name, _, dims = shapes[0].partition(":")
+    d = [int(v) for v in dims.split("x")]
+    if name == "pixel_values":
+        return d[0] * ((d[2] // 16) * (d[3] // 16) + 1)
+    return d[0] * d[1]
+
+
+def reading(speedup: float, t: int, notes: list[str]) -> str:
+    """Why a row is slower (or not faster): the kernel fallbacks and the token count, stated, not guessed at."""
+    why = [n for n in notes if n.startswith("dense fallback") or n.startswith("CUDA graph: not")]
+    if speedup < 1.0 and t < 1024:
+        why.append(f"{t} tokens per linear layer: too few for 2:4 to pay (weights read once per call, memory-bound)")
+    return "; ".join(why) or "—"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models-json", type=Path, required=True, help="make_models.py's output (JSON lines)")
@@ -65,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
              "Dense = the dense ONNX on the same evaluator (cuBLAS); sparse = the 2:4 ONNX with each 2:4 weight on a "
              "2:4 kernel compressed once at load; both in a CUDA graph where it applies. Median / p90 ms per forward. "
              "Decode rows: one new token per sequence without a KV cache.", "",
-             "| row | dense ms | sparse ms | speed-up | vs torch.compile dense | sparse vs ORT max rel | notes |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | tokens | dense ms | sparse ms | speed-up | vs torch.compile dense | sparse vs ORT max rel | "
+             "why not faster | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     records = []
     t_start = time.perf_counter()
     for row in args.rows:
@@ -80,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = BenchConfig(backend="torch", device=args.device, precision=args.precision,
                               shapes=parse_shapes(tiny if args.tiny else full), iters=args.iters, warmup=args.warmup,
-                              compile_dense=row in args.compile)
+                              compile_dense=row in args.compile, reference=row in REFERENCE)
             t0 = time.perf_counter()
             try:
                 res = bench(models[model]["sparse"], models[model]["dense"], cfg)
@@ -91,18 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         records.append(rec)
         print(json.dumps({k: rec.get(k) for k in ("row", "seconds", "error")}), flush=True)
         if "error" in rec:
-            lines.append(f"| {label} | — | — | — | — | — | {rec['error']} |")
+            lines.append(f"| {label} | — | — | — | — | — | — | — | {rec['error']} |")
             continue
         r0 = rec["rows"][0]
         comp = next((r for r in rec["rows"][1:] if "compile" in r["label"]), None)
         ck = rec.get("correctness", {})
         ort = ck.get("sparse_vs_ort_max_rel_diff")
+        t = tokens(tiny if args.tiny else full)
+        notes = list(rec.get("notes", []))
         lines.append(
-            f"| {label} ({rec['precision']}) | {r0['dense']['median_ms']:.3f} / {r0['dense']['p90_ms']:.3f} | "
+            f"| {label} ({rec['precision']}) | {t} | {r0['dense']['median_ms']:.3f} / {r0['dense']['p90_ms']:.3f} | "
             f"{r0['sparse']['median_ms']:.3f} / {r0['sparse']['p90_ms']:.3f} | **{r0['speedup']:.2f}×** | "
             + (f"{comp['dense']['median_ms']:.3f} ms → {comp['speedup']:.2f}×" if comp else "—") + " | "
-            + (f"{ort:.1e}" if ort is not None else "—") + " | " + "; ".join(rec.get("notes", [])).replace("|", "/")
-            + " |")
+            + (f"{ort:.1e}" if ort is not None else "—") + " | " + reading(r0["speedup"], t, notes).replace("|", "/")
+            + " | " + "; ".join(notes).replace("|", "/") + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:

@@ -51,6 +51,8 @@ class BenchConfig:
         device: torch backend: "auto" (default: cuda when available), "cpu" or "cuda".
         cuda_graphs: torch backend on CUDA: capture the evaluator in a CUDA graph where it applies (default True).
         compile_dense: torch backend: also time the dense model through ``torch.compile`` (default False).
+        reference: also run the sparse ONNX on onnxruntime (CPU) and report the agreement (default: when the backend
+            is not onnxruntime and the model's files are at most 600 MB).
         threads: onnxruntime intra-op threads (default: onnxruntime's).
         seed: random inputs' seed (default 0).
         plot_path: where to write the PNG (default: none).
@@ -66,6 +68,7 @@ class BenchConfig:
     device: str | None = None
     cuda_graphs: bool | None = None
     compile_dense: bool | None = None
+    reference: bool | None = None
     threads: int | None = None
     seed: int | None = None
     plot_path: str | os.PathLike[str] | None = None
