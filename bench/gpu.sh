@@ -154,7 +154,7 @@ layers() {
   for B in 16 128; do T=$((128 * B)); run "BERT-base batch $B x 128 ($T tokens)" --cuda-graph "qkvo=${T}x768x768*48" "fc1=${T}x768x3072*12" "fc2=${T}x3072x768*12"; done
   return $FAILED
 }
-step layers 120 bash -c "$(declare -f layers); PY='$PY' layers '$DEVICE' '$TINY' '$ITERS' '$PARTS/3-layers.md' '$WORK/layers.jsonl'"
+step layers 140 bash -c "$(declare -f layers); PY='$PY' layers '$DEVICE' '$TINY' '$ITERS' '$PARTS/3-layers.md' '$WORK/layers.jsonl'"
 
 # ---- whole models ----------------------------------------------------------------------------------------------
 if [[ -n "${MODELS_PID:-}" ]]; then
@@ -163,8 +163,8 @@ if [[ -n "${MODELS_PID:-}" ]]; then
   { echo "## Models made for this run"; echo; echo '```'; cat "$MODELS_JSON"; echo '```'; } > "$PARTS/4-models.md"
 fi
 COMPILE=(--compile vit-b64)
-step whole 260 "$PY" bench/gpu/whole_model.py --models-json "$MODELS_JSON" --device "$DEVICE" --precision "$PREC" \
-  --iters "$ITERS" --warmup 3 $TINY "${COMPILE[@]}" --budget-s 240 --md "$PARTS/5-whole.md" --json "$WORK/whole.jsonl"
+step whole 250 "$PY" bench/gpu/whole_model.py --models-json "$MODELS_JSON" --device "$DEVICE" --precision "$PREC" \
+  --iters "$ITERS" --warmup 3 $TINY "${COMPILE[@]}" --budget-s 230 --md "$PARTS/5-whole.md" --json "$WORK/whole.jsonl"
 
 # ---- optimize on CUDA vs CPU -----------------------------------------------------------------------------------
 optimize_md() {

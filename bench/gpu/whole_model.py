@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     records = []
     t_start = time.perf_counter()
-    for row in args.rows:
+    # The plain rows first, then the torch.compile baselines (compiling takes long; a spent budget cuts them last).
+    for row, with_compile in [*((r, False) for r in args.rows), *((r, True) for r in args.compile)]:
         model, label, full, tiny = ROWS[row]
-        label += " [tiny shapes]" if args.tiny else ""
+        label += (" [tiny shapes]" if args.tiny else "") + (", + dense torch.compile" if with_compile else "")
         rec: dict = {"row": row, "label": label}
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
             rec["error"] = f"skipped: the {args.budget_s:.0f} s budget of this step was spent"
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = BenchConfig(backend="torch", device=args.device, precision=args.precision,
                               shapes=parse_shapes(tiny if args.tiny else full), iters=args.iters, warmup=args.warmup,
-                              compile_dense=row in args.compile, reference=row in REFERENCE)
+                              compile_dense=with_compile, reference=row in REFERENCE and not with_compile)
             t0 = time.perf_counter()
             try:
                 res = bench(models[model]["sparse"], models[model]["dense"], cfg)
