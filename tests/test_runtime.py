@@ -602,8 +602,8 @@ def test_gpu_sh_dry_run_full(tmp_path: Path) -> None:
     text = out.read_text()
     for step in ("env", "cusparselt", "layers", "models", "whole", "optimize", "tensorrt"):
         assert f"| {step} | ok |" in text, (step, text[:1500])
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "[tiny shapes]" in line]
-    assert len(rows) == 11 and all("×**" in line for line in rows), rows
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "[tiny shapes]" in line]  # 11 + compile
+    assert len(rows) == 12 and all("×**" in line for line in rows), rows
     assert (tmp_path / "r.jsonl").stat().st_size > 0
 
 
