@@ -223,6 +223,6 @@ TMP="$OUT.tmp"
   echo
   for f in "$PARTS"/[0-9]-*.md; do [[ -f "$f" ]] && cat "$f" && echo; done
 } > "$TMP" && mv "$TMP" "$OUT"
-cat "$WORK"/whole.jsonl "$WORK"/layers.jsonl "$WORK"/cusparselt.jsonl 2>/dev/null > "${OUT%.md}.jsonl.tmp" \
-  && mv "${OUT%.md}.jsonl.tmp" "${OUT%.md}.jsonl"
+for f in whole layers cusparselt; do [[ -f "$WORK/$f.jsonl" ]] && cat "$WORK/$f.jsonl"; done > "${OUT%.md}.jsonl.tmp"
+mv "${OUT%.md}.jsonl.tmp" "${OUT%.md}.jsonl"
 echo "wrote $OUT (and ${OUT%.md}.jsonl) in $(( $(date +%s) - T0 )) s"
