@@ -8,7 +8,8 @@ Each shape is TOKENSxKxN[*COUNT] (x[T,K] @ W[K,N], COUNT layers per forward). Pr
 dense and sparse median/p90 per call, speed-up per shape, and the COUNT-weighted sum over all shapes (the model's
 linear-layer speed-up). Methods: semi (torch.sparse.to_sparse_semi_structured, torch's default backend), cutlass,
 cusparselt (forced backends), cslt (torch._cslt_compress + torch._cslt_sparse_mm with cuSPARSELt's algorithm search).
-Records torch/CUDA/cuSPARSELt versions and the GPU. Needs a CUDA GPU (exit code 2 otherwise).
+Records torch/CUDA/cuSPARSELt versions and the GPU. Needs a CUDA GPU (exit code 2 otherwise), except with
+``--device cpu``: a dense-only rehearsal of the harness (what ``bench/gpu.sh --dry-run`` runs).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def table(label: str, dtype: str, methods: list[str], timings: list[LinearTiming
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", required=True, metavar="[NAME=]TxKxN[*COUNT]")
-    ap.add_argument("--dtype", nargs="+", choices=DTYPES, default=["fp16"])
+    ap.add_argument("--dtype", nargs="+", choices=[*DTYPES, "fp32"], default=["fp16"],
+                    help="fp16 / bf16 (2:4 kernels); fp32 only for the --device cpu rehearsal")
     ap.add_argument("--methods", nargs="+", choices=SPARSE_METHODS, default=["semi", "cslt"])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
@@ -78,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, default=None, help="append the Markdown table to this file")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per dtype to this file")
     ap.add_argument("--env", action="store_true", help="print the environment (versions, GPU) as Markdown first")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time replays of a CUDA graph (no per-call host work, as the whole-model evaluator runs)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a dense-only rehearsal (2:4 methods are recorded as not run)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         shapes = [LinearShape.parse(s) for s in args.shape]
     except ValueError as exc:
         ap.error(str(exc))
-    if not cuda_available():
+    if args.device == "cuda" and not cuda_available():
         print("linear_sparse.py needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     env = env_info()
@@ -92,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.env:
         out.append("| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in env.items()))
     for dtype in args.dtype:
-        timings = [time_linear(s, dtype, args.methods, iters=args.iters, warmup=args.warmup) for s in shapes]
-        out.append(table(args.label, dtype, args.methods, timings))
+        timings = [time_linear(s, dtype, args.methods, iters=args.iters, warmup=args.warmup, device=args.device,
+                               graph=args.cuda_graph)
+                   for s in shapes]
+        out.append(table(args.label + (" (CUDA graph)" if args.cuda_graph else ""), dtype, args.methods, timings))
         if args.json:
             rec = {
                 "date": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -24,6 +24,7 @@ from permsparse import __version__
 from permsparse import cli_verbs as verbs
 from permsparse.config import (
     BACKENDS,
+    DEVICES,
     CHECKS,
     EXPORTERS,
     IMPORTANCES,
@@ -222,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="sparse ONNX model (or a .plan for --backend tensorrt)")
     p.add_argument("--dense", type=Path, required=True, help="the dense ONNX model (or .plan) to compare with")
     p.add_argument("--backend", choices=BACKENDS, default="ort",
-                   help="ort: CPU (default); torch: the MatMuls, dense vs semi-structured (GPU); tensorrt: engines (GPU)")
+                   help="ort: CPU (default); torch: the whole model on the torch evaluator, 2:4 kernels on CUDA; "
+                   "tensorrt: engines (GPU)")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="torch backend: auto (default: cuda when available), cpu (dense kernels) or cuda")
     p.add_argument("--iters", type=_positive_int, default=50, help="timed samples (default 50)")
     p.add_argument("--warmup", type=_nonneg_int, default=10, help="untimed warm-up calls (default 10)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,

@@ -128,6 +128,7 @@ def _cmd_bench(args: argparse.Namespace) -> Outcome:
     plot = None if args.no_plot else (args.plot or args.model.with_name(f"{args.model.stem}.bench-{args.backend}.png"))
     config = BenchConfig(backend=args.backend, shapes=_shape_specs(args), iters=args.iters, warmup=args.warmup,
                          precision=args.precision, sparse_method=args.sparse_method, threads=args.threads,
+                         device=args.device,
                          plot_path=plot)
     result = bench(args.model, args.dense, config)
     lines = [result.table()]

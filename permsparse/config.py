@@ -21,6 +21,7 @@ from permsparse.optimizer.hessian import DEFAULT_DAMP
 from permsparse.optimizer.importance import IMPORTANCE_REGISTRY
 from permsparse.optimizer.methods import METHOD_FACTORIES
 from permsparse.pattern import NMPattern
+from permsparse.runtime.backends import DEVICES, backend_names  # noqa: F401  (DEVICES re-exported for the CLI)
 
 if TYPE_CHECKING:
     from permsparse.ir.shapes import ShapeSpec
@@ -37,7 +38,7 @@ CHECKS: tuple[str, ...] = ("auto", "whole", "blocks")
 #: build / bench / export.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 PRECISION_MODES: tuple[str, ...] = ("auto", "flags", "onnx")
-BACKENDS: tuple[str, ...] = ("ort", "torch", "tensorrt")
+BACKENDS: tuple[str, ...] = backend_names()  # the registry in permsparse/runtime/backends/
 SPARSE_METHODS: tuple[str, ...] = ("semi", "cutlass", "cusparselt", "cslt")
 EXPORTERS: tuple[str, ...] = _EXPORTERS
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_FAMILIES)

@@ -303,9 +303,10 @@ def test_bench_ort_and_cli(models: dict[str, Path], tmp_path: Path, capsys: pyte
     with pytest.raises(PermsparseError, match="unknown backend"):
         run_bench(models["sparse"], models["dense"], BenchConfig(backend="tvm"))
     if not _cuda():
-        for backend in ("torch", "tensorrt"):
-            with pytest.raises(PermsparseError, match="CUDA GPU"):
-                run_bench(models["sparse"], models["dense"], BenchConfig(backend=backend))
+        with pytest.raises(PermsparseError, match="CUDA GPU"):
+            run_bench(models["sparse"], models["dense"], BenchConfig(backend="tensorrt"))
+        with pytest.raises(PermsparseError, match="cuda"):
+            run_bench(models["sparse"], models["dense"], BenchConfig(backend="torch", device="cuda"))
 
 
 def test_sparsity_log_parsing() -> None:
@@ -431,18 +432,22 @@ def test_sparse_engine_matches_ort(models: dict[str, Path]) -> None:
     res = run_bench(models["sparse"], models["dense"],
                     BenchConfig(backend="tensorrt", precision="fp16", shapes=parse_shapes(["x:1x1x256,2x64x256,4x128x256"]),
                                 iters=5, warmup=2))
-    assert res.correctness["sparse_engine_vs_ort_max_rel_diff"] < 2e-2
-    assert res.correctness["sparse_engine_vs_ort_cosine"] > 0.999
+    assert res.correctness["sparse_vs_ort_max_rel_diff"] < 2e-2
+    assert res.correctness["sparse_vs_ort_cosine"] > 0.999
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_torch_sparse_matches_dense(models: dict[str, Path], dtype: str) -> None:
+def test_torch_backend_cuda_2to4_kernels(models: dict[str, Path], dtype: str) -> None:
+    """On a GPU: every 2:4 weight runs a 2:4 kernel (or its fallback says why), outputs match onnxruntime."""
     res = run_bench(models["sparse"], models["dense"],
-                    BenchConfig(backend="torch", precision=dtype, shapes=parse_shapes(["x:8x128x256"]), iters=5, warmup=2))
-    assert res.rows[-1].label == "all linear layers"
-    assert res.correctness["max_rel_err_sparse_vs_dense_kernel"] < (1e-2 if dtype == "fp16" else 3e-2)
+                    BenchConfig(backend="torch", device="cuda", precision=dtype, shapes=parse_shapes(["x:8x128x256"]),
+                                iters=5, warmup=2))
+    assert res.precision == dtype and len(res.rows) == 1
+    assert res.correctness["sparse_vs_ort_max_rel_diff"] < (2e-2 if dtype == "fp16" else 5e-2)
+    assert res.correctness.get("max_rel_err_2to4_kernel_vs_dense", 0.0) < 2e-2
+    assert any(n.startswith("7 2:4 weights") for n in res.notes) and any("CUDA graph" in n for n in res.notes)
 
 
 def test_linear_sparse_script_without_gpu() -> None:
@@ -454,3 +459,172 @@ def test_linear_sparse_script_without_gpu() -> None:
                            text=True, timeout=120)
         assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu.sh")], timeout=30).returncode == 0
+
+
+# --------------------------------------------------------------------------------------- runners and the registry
+
+
+def test_backend_registry_and_runner_interface(models: dict[str, Path]) -> None:
+    from permsparse import config
+    from permsparse.runtime.backends import Runner, backend_names, base, get_backend, register_backend
+    from permsparse.runtime.backends.ort import OrtRunner
+
+    assert backend_names() == config.BACKENDS == ("ort", "torch", "tensorrt")
+    assert get_backend("ort") is OrtRunner and OrtRunner.name == "ort" and OrtRunner.summary
+    with pytest.raises(PermsparseError, match="ort, torch, tensorrt"):
+        get_backend("tvm")
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register_backend("ort")(type("Again", (OrtRunner,), {}))
+    with pytest.raises(TypeError, match="Runner subclasses"):
+        register_backend("notarunner")(dict)  # type: ignore[arg-type]
+
+    calls: list[str] = []
+
+    class EchoRunner(OrtRunner):
+        """Test backend: onnxruntime, logging the lifecycle."""
+
+        def activate(self) -> None:
+            calls.append(f"activate {self.label}")
+            super().activate()
+
+        def deactivate(self) -> None:
+            calls.append(f"deactivate {self.label}")
+            super().deactivate()
+
+    try:  # adding a backend = one registered Runner subclass; run_bench needs nothing else
+        register_backend("echo-test")(EchoRunner)
+        res = run_bench(models["sparse"], models["dense"],
+                        BenchConfig(backend="echo-test", shapes=parse_shapes(["x:1x4x256"]), iters=2, warmup=0))
+        assert res.backend == "echo-test" and res.rows[0].dense.n == 2
+        assert calls[0] == "activate dense" and calls[-1] == "deactivate sparse"
+        assert calls.count("deactivate dense") == 1 and calls.index("deactivate dense") < calls.index("activate sparse")
+        assert 0.5 < res.correctness["dense_vs_sparse_cosine"] <= 1 + 1e-9
+        assert res.correctness["sparse_vs_ort_max_rel_diff"] < 1e-5  # it is onnxruntime (graph optimizations on)
+    finally:
+        base._REGISTRY.pop("echo-test", None)
+    assert "echo-test" not in backend_names()
+    # The lifecycle by hand, as a context manager.
+    x = np.random.default_rng(0).standard_normal((1, 4, 256)).astype(np.float32)
+    with OrtRunner(models["dense"]) as runner:
+        assert isinstance(runner, Runner) and runner.active
+        out = runner.infer({"x": x})
+        fn = runner.bind({"x": x})
+        again = fn()
+    assert not runner.active and list(out) == ["y"] and np.array_equal(out["y"], again[0])
+
+
+def _ort(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-5), ("bf16", 3e-2), ("fp16", 5e-3)])
+def test_torch_evaluator_cpu_matches_ort(models: dict[str, Path], precision: str, rtol: float) -> None:
+    """The rewritten graph (each 2:4 MatMul one kernel node) equals onnxruntime on the sparse and the dense model."""
+    from permsparse.runtime.torch_eval import SPARSE_OP, SparseEvaluator
+
+    x = np.random.default_rng(1).standard_normal((2, 16, 256)).astype(np.float32)
+    for tag, n_kernels in (("sparse", 7), ("dense", 0)):
+        ev = SparseEvaluator(models[tag], device="cpu", precision=precision)
+        try:
+            assert ev.precision == precision and len(ev.kernels) == n_kernels
+            assert ev.program.op_types.count(SPARSE_OP) == n_kernels
+            assert ev.program.op_types.count("MatMul") == (0 if tag == "sparse" else 7) + 2  # + q@k, probs@v
+            assert all(k.used == "dense" and "need CUDA" in k.why for k in ev.kernels)
+            got = ev.run({"x": x})["y"]
+            ref = _ort(models[tag], {"x": x})["y"]
+            assert got.dtype == np.float32 and got.shape == ref.shape
+            assert np.abs(got - ref).max() <= rtol * np.abs(ref).max(), (tag, np.abs(got - ref).max())
+            fn = ev.bind({"x": x})
+            assert torch_allclose(fn()["y"], got)
+        finally:
+            ev.close()
+
+
+def torch_allclose(t: object, ref: np.ndarray) -> bool:
+    import torch
+
+    assert isinstance(t, torch.Tensor)
+    return bool(np.array_equal(t.float().numpy(), ref))
+
+
+def test_torch_backend_cpu(models: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    res = run_bench(models["sparse"], models["dense"],
+                    BenchConfig(backend="torch", device="cpu", shapes=parse_shapes(["x:2x16x256"]), iters=3, warmup=1))
+    assert res.backend == "torch" and res.precision == "fp32" and len(res.rows) == 1
+    assert res.correctness["sparse_vs_ort_max_rel_diff"] < 1e-5
+    assert 0.5 < res.correctness["dense_vs_sparse_cosine"] < 0.9999  # the masks change the output
+    assert any("7 2:4 weights: 7 dense" in n for n in res.notes)
+    assert any("2:4 kernels need CUDA" in n for n in res.notes)
+    assert not any(n.startswith("dense model: no 2:4") for n in res.notes)
+    assert cli_main(["bench", str(models["sparse"]), "--dense", str(models["dense"]), "--backend", "torch",
+                     "--device", "cpu", "--iters", "2", "--warmup", "0", "--shapes", "x:1x8x256", "--no-plot",
+                     "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["backend"] == "torch" and out["rows"][0]["sparse"]["n"] == 2
+    with pytest.raises(PermsparseError, match="unknown device"):
+        run_bench(models["sparse"], models["dense"], BenchConfig(backend="torch", device="tpu"))
+
+
+def test_gpu_sh_dry_run_fast(tmp_path: Path) -> None:
+    """The GPU script's CPU rehearsal, the quick steps (the full dry run is the slow test below)."""
+    import os
+
+    out = tmp_path / "r.md"
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", "--work", str(tmp_path / "w"), "--out",
+                        str(out), "--skip", "models", "whole", "optimize", "tensorrt"],
+                       capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert "**CPU dry run**" in text and "| env | ok |" in text and "| cusparselt | ok |" in text
+    assert "| layers | ok |" in text and "| whole | skipped (--skip) |" in text
+    assert "no CUDA: torch.cuda.is_available() is False" in text and "| torch | " in text
+    assert "2:4 kernels need CUDA (CPU rehearsal)" in text
+    bad = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run_full(tmp_path: Path) -> None:
+    """Every step of bench/gpu.sh on tiny models, on CPU (what the GPU run does, minus the GPU)."""
+    import os
+
+    out = tmp_path / "r.md"
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", "--work", str(tmp_path / "w"), "--out",
+                        str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    for step in ("env", "cusparselt", "layers", "models", "whole", "optimize", "tensorrt"):
+        assert f"| {step} | ok |" in text, (step, text[:1500])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "[tiny shapes]" in line]  # 11 + compile
+    assert len(rows) == 12 and all("×**" in line for line in rows), rows
+    assert (tmp_path / "r.jsonl").stat().st_size > 0
+
+
+def test_torch_evaluator_recut_keeps_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path's re-cut (host tensors read by device ops fed once as inputs) computes what the full program
+    does. Rehearsed on CPU by pretending that only integer/bool tensors live on the host."""
+    import permsparse
+    from permsparse import ExportConfig
+    from permsparse.runtime import torch_eval
+
+    path = permsparse.export("llama", tmp_path / "llama.onnx", ExportConfig(exporter="legacy"))
+    ev = torch_eval.SparseEvaluator(path, device="cpu")
+    try:
+        ids = np.random.default_rng(0).integers(0, 200, size=(2, 7)).astype(np.int64)
+        staged = ev.stage({"input_ids": ids})
+        ref = ev.program.run(staged)["logits"]
+        monkeypatch.setattr(torch_eval, "_on_host", lambda t: not t.is_floating_point())
+        program, fed = ev._recut(dict(staged))
+        assert ev.frontier and set(fed) == {"input_ids", *ev.frontier}  # e.g. the causal mask, RoPE positions
+        assert len(program) < len(ev.program)  # the host-side nodes behind the frontier are gone
+        got = program.run(fed)["logits"]
+        assert np.array_equal(got.numpy(), ref.numpy())
+    finally:
+        ev.close()

@@ -1,10 +1,12 @@
-"""``permsparse bench``: dense vs sparse latency with one of three backends, as a table and a bar plot.
+"""``permsparse bench``: dense vs sparse latency on one backend, as a table and a bar plot.
 
-- ``ort``: both ONNX models on onnxruntime's CPU provider (correctness and no-GPU users);
-- ``tensorrt``: both models built into engines (or given as ``.plan``) and run with ``execute_async_v3`` on torch
-  CUDA buffers (GPU only);
-- ``torch``: the models' prunable MatMuls at their real token counts, dense ``F.linear`` vs 2:4 semi-structured,
-  summed into a linear-layer speed-up (GPU only; fp16/bf16).
+Each backend is a :class:`~permsparse.runtime.backends.Runner` (activate / infer / bind / deactivate), one module per
+backend under ``permsparse/runtime/backends/``, registered by name (``ort``, ``torch``, ``tensorrt``; see
+:func:`~permsparse.runtime.backends.backend_names`). :func:`run_bench` is the same for all of them: random feeds at
+the ``opt`` shapes, the dense model's runner, then the sparse model's (one at a time, so only one model is loaded),
+each run once for the outputs and then timed (CUDA events when the runner computes on CUDA), plus any extra dense
+baselines the backend offers (torch: ``torch.compile``). Outputs are compared dense vs sparse (the drift), and the
+sparse model's against onnxruntime when the backend is not onnxruntime and the model is small.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import json
 import logging
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from permsparse.config import BACKENDS
 from permsparse.errors import PermsparseError
 from permsparse.ir.compare import agreement
 from permsparse.ir.inputs import InputSpec, graph_inputs, random_feeds
@@ -30,38 +30,11 @@ from permsparse.ir.model import load_model
 from permsparse.ir.save import atomic_write_bytes, atomic_write_text
 from permsparse.ir.session import Session
 from permsparse.ir.shapes import ShapeSpec, derive_profiles
+from permsparse.runtime.backends import BenchConfig, Runner, get_backend
 from permsparse.runtime.timing import TimingStats, auto_inner, time_callable
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Options of :func:`run_bench`; None means the default.
-
-    Attributes:
-        backend: "ort" (default), "torch" or "tensorrt".
-        shapes: input shapes; the ``opt`` shape is timed (and min/max shape the TensorRT profile).
-        iters: timed samples (default 50); warmup: untimed calls first (default 10).
-        precision: torch: "fp16" (default) or "bf16"; tensorrt: "fp16" (default), "bf16" or "fp32"; ort: as stored.
-        sparse_method: torch backend: "semi" (default), "cutlass", "cusparselt" or "cslt".
-        threads: onnxruntime intra-op threads (default: onnxruntime's).
-        seed: random inputs' seed (default 0).
-        plot_path: where to write the PNG (default: none).
-        workspace_gb: TensorRT workspace for engines built on the fly.
-    """
-
-    backend: str | None = None
-    shapes: Mapping[str, ShapeSpec] | None = None
-    iters: int | None = None
-    warmup: int | None = None
-    precision: str | None = None
-    sparse_method: str | None = None
-    threads: int | None = None
-    seed: int | None = None
-    plot_path: str | os.PathLike[str] | None = None
-    workspace_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,8 +62,8 @@ class BenchResult:
 
     @property
     def total(self) -> BenchRow:
-        """The last row is the model (or all-linear-layers) total."""
-        return self.rows[-1]
+        """The model row: dense vs sparse on the same backend (extra rows compare other dense baselines)."""
+        return self.rows[0]
 
     def table(self) -> str:
         return format_table(self)
@@ -177,218 +150,33 @@ def _opt_shapes(path: Path, config: BenchConfig) -> tuple[onnx.ModelProto, list[
     return model, inputs, derive_profiles(inputs, config.shapes)
 
 
-# --------------------------------------------------------------------------------------------------- ort backend
+#: The sparse model is also run on onnxruntime (CPU) as a reference when its file is at most this big.
+ORT_CHECK_MAX_BYTES = 600_000_000
 
 
-def _bench_ort(sparse_path: Path, dense_path: Path, config: BenchConfig, iters: int, warmup: int) -> BenchResult:
-    model, inputs, profiles = _opt_shapes(sparse_path, config)
-    feeds = random_feeds(model, {k: v.opt for k, v in profiles.items()}, seed=config.seed or 0)
-    rows, outs = [], {}
-    stats = {}
-    for tag, path in (("dense", dense_path), ("sparse", sparse_path)):
-        sess = Session(path, threads=config.threads, optimize=True)
-        missing = set(sess.input_names) - set(feeds)
-        if missing:
-            raise PermsparseError(f"{path}: inputs {sorted(missing)} differ from the sparse model's; bench needs the same inputs")
-        f = {k: v for k, v in feeds.items() if k in sess.input_names}
-        outs[tag] = list(sess.run(f).values())
-        raw = sess.session
-        stats[tag] = time_callable(lambda s=raw, f=f: s.run(None, f), iters=iters, warmup=warmup)
-    rows.append(BenchRow(sparse_path.stem, stats["dense"], stats["sparse"]))
-    check = agreement(outs["dense"], outs["sparse"])
-    notes = ["onnxruntime CPU has no 2:4 kernels: expect ≈1.0×; the output check is dense vs sparse drift"]
-    return BenchResult("ort", _cpu_name(), "as stored", tuple(profiles.values()), tuple(rows), tuple(notes),
-                       {"dense_vs_sparse_" + k: v for k, v in check.items()})
+def _measure(runner: Runner, feeds: Mapping[str, np.ndarray], iters: int, warmup: int
+             ) -> tuple[list[np.ndarray], TimingStats, dict[str, float], str, str]:
+    """Outputs of one run, timing of the bound callable, the runner's checks, precision and device (while active)."""
+    with runner:
+        outs = list(runner.infer(feeds).values())
+        fn = runner.bind(feeds)
+        inner = auto_inner(fn, cuda=runner.on_cuda)
+        if runner.on_cuda:
+            import torch
 
-
-def _cpu_name() -> str:
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-# --------------------------------------------------------------------------------------------------- torch backend
-
-
-def _require_cuda(backend: str) -> Any:
-    try:
-        import torch
-    except ImportError as exc:
-        raise PermsparseError(f"the {backend} backend needs torch with CUDA") from exc
-    if not torch.cuda.is_available():
-        raise PermsparseError(
-            f"the {backend} backend needs a CUDA GPU and torch.cuda.is_available() is False; "
-            "use --backend ort on a machine without a GPU"
-        )
-    return torch
-
-
-def _bench_torch(sparse_path: Path, dense_path: Path, config: BenchConfig, iters: int, warmup: int) -> BenchResult:
-    _require_cuda("torch")
-    from permsparse.ir.graph import const_index, import_graph
-    from permsparse.ir.weights import find_weights, weight_status
-    from permsparse.passes.shapes import token_counts
-    from permsparse.runtime.torch_sparse import LinearShape, env_info, time_linear
-
-    precision = config.precision or "fp16"
-    if precision not in ("fp16", "bf16"):
-        raise PermsparseError("the torch backend times fp16 or bf16 (2:4 kernels have no fp32 path); use --precision fp16")
-    method = config.sparse_method or "semi"
-    model, inputs, profiles = _opt_shapes(sparse_path, config)
-    tokens = token_counts(model, {k: v.opt for k, v in profiles.items()})
-    dense_graph = import_graph(load_model(dense_path, check=False), dense_path.parent)
-    dense_shapes = Counter((w.k, w.n) for w in find_weights(dense_graph))
-    graph = import_graph(model, sparse_path.parent)
-    consts = const_index(graph)
-    groups: dict[tuple[int, int, int, bool], list[np.ndarray]] = {}
-    counts: Counter[tuple[int, int, int, bool]] = Counter()
-    notes: list[str] = []
-    unknown = 0
-    for info in find_weights(graph):
-        t = tokens.get(info.input)
-        if t is None:
-            unknown += 1
-            continue
-        stored = consts[info.const].values
-        key = (t, info.k, info.n, weight_status(info, stored).nm_valid)
-        counts[key] += 1
-        if key not in groups:
-            groups[key] = [np.ascontiguousarray(info.k_major(np.asarray(stored, dtype=np.float32)))]
-    if unknown:
-        notes.append(f"{unknown} MatMul(s) skipped: their token count could not be inferred at these shapes")
-    if not counts:
-        raise PermsparseError(f"{sparse_path}: no MatMul/Gemm with a constant weight and a known token count")
-    sparse_shapes = Counter((k, n) for (_, k, n, _), c in counts.items() for _ in range(c))
-    if sparse_shapes != dense_shapes:
-        notes.append("the dense model's weight shapes differ from the sparse model's; timing the sparse model's shapes")
-    rows: list[BenchRow] = []
-    total_d = total_s = None
-    worst = 0.0
-    for (t, k, n, ok24), c in sorted(counts.items()):
-        w_kn = groups[(t, k, n, ok24)][0]
-        shape = LinearShape(t, k, n, c)
-        timing = time_linear(shape, precision, (method,) if ok24 else (), weight_nk=w_kn.T, iters=iters, warmup=warmup,
-                             seed=config.seed or 0)
-        sp = timing.sparse.get(method)
-        if not ok24:
-            notes.append(f"{k}x{n} ×{c}: weights not 2:4, counted dense in both columns")
-            sp = timing.dense
-        elif sp is None:
-            notes.append(f"{k}x{n} ×{c} at {t} tokens: {method} failed ({timing.errors.get(method)}); counted dense")
-            sp = timing.dense
+            stream = runner.stream
+            ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+            with ctx:
+                stats = time_callable(fn, iters=iters, warmup=warmup, cuda=True, stream=stream, inner=inner)
         else:
-            worst = max(worst, timing.rel_error.get(method, 0.0))
-        rows.append(BenchRow(f"{t}tok {k}x{n}", timing.dense, sp, c))
-        dsum, ssum = timing.dense.scaled(c), sp.scaled(c)
-        total_d = dsum if total_d is None else total_d + dsum
-        total_s = ssum if total_s is None else total_s + ssum
-    assert total_d is not None and total_s is not None
-    rows.append(BenchRow("all linear layers", total_d, total_s))
-    env = env_info()
-    return BenchResult("torch", env.get("gpu", "cuda"), f"{precision}, {method}", tuple(profiles.values()), tuple(rows),
-                       tuple(notes), {"max_rel_err_sparse_vs_dense_kernel": worst}, env)
+            stats = time_callable(fn, iters=iters, warmup=warmup, inner=inner)
+        return outs, stats, dict(runner.checks), runner.precision, runner.device_name
 
 
-# ------------------------------------------------------------------------------------------------ tensorrt backend
+def _nullcontext() -> Any:
+    import contextlib
 
-
-class TrtRunner:
-    """One engine with torch CUDA buffers, run by ``execute_async_v3`` on a private stream."""
-
-    def __init__(self, engine_bytes: bytes, feeds: Mapping[str, np.ndarray], trt: Any | None = None) -> None:
-        import torch
-
-        from permsparse.runtime.trt import import_tensorrt
-
-        self.trt = trt or import_tensorrt()
-        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
-        self.runtime = self.trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise PermsparseError("TensorRT could not deserialize the engine (built for another GPU or TensorRT version?)")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        self.inputs: dict[str, Any] = {}
-        self.outputs: dict[str, Any] = {}
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        for name in names:
-            if self.engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT:
-                if name not in feeds:
-                    raise PermsparseError(f"engine input '{name}' has no data; give its shape with --shapes")
-                dt = self._torch_dtype(self.engine.get_tensor_dtype(name))
-                t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda").to(dt).contiguous()
-                self.inputs[name] = t
-                self.context.set_input_shape(name, tuple(t.shape))
-                self.context.set_tensor_address(name, t.data_ptr())
-        for name in names:
-            if self.engine.get_tensor_mode(name) == self.trt.TensorIOMode.OUTPUT:
-                shape = tuple(self.context.get_tensor_shape(name))
-                dt = self._torch_dtype(self.engine.get_tensor_dtype(name))
-                t = torch.empty(shape, dtype=dt, device="cuda")
-                self.outputs[name] = t
-                self.context.set_tensor_address(name, t.data_ptr())
-
-    def _torch_dtype(self, dt: Any) -> Any:
-        import torch
-
-        D = self.trt.DataType
-        table = {D.FLOAT: torch.float32, D.HALF: torch.float16, D.INT32: torch.int32, D.INT8: torch.int8, D.BOOL: torch.bool}
-        for name, tdt in (("BF16", torch.bfloat16), ("INT64", torch.int64), ("UINT8", torch.uint8)):
-            if hasattr(D, name):
-                table[getattr(D, name)] = tdt
-        return table[dt]
-
-    def __call__(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise PermsparseError("TensorRT execute_async_v3 failed")
-
-    def run(self) -> list[np.ndarray]:
-        self()
-        self.stream.synchronize()
-        return [t.float().cpu().numpy() for t in self.outputs.values()]
-
-
-def _engine_bytes(path: Path, config: BenchConfig, tmp: str) -> bytes:
-    if path.suffix in (".plan", ".engine", ".trt"):
-        return path.read_bytes()
-    from permsparse.runtime.trt import BuildConfig, build_engine
-
-    out = Path(tmp) / (path.stem + ".plan")
-    report = build_engine(path, out, BuildConfig(precision=config.precision or "fp16", shapes=config.shapes,
-                                                 workspace_gb=config.workspace_gb))
-    logger.info("%s", report.summary())
-    return out.read_bytes()
-
-
-def _bench_tensorrt(sparse_path: Path, dense_path: Path, config: BenchConfig, iters: int, warmup: int) -> BenchResult:
-    torch = _require_cuda("tensorrt")
-    onnx_for_shapes = sparse_path if sparse_path.suffix == ".onnx" else dense_path
-    if onnx_for_shapes.suffix != ".onnx":
-        raise PermsparseError("give at least one ONNX model so input shapes and feeds can be derived")
-    model, inputs, profiles = _opt_shapes(onnx_for_shapes, config)
-    feeds = random_feeds(model, {k: v.opt for k, v in profiles.items()}, seed=config.seed or 0)
-    stats, outs = {}, {}
-    with tempfile.TemporaryDirectory(prefix="permsparse-bench-") as tmp:
-        for tag, path in (("dense", dense_path), ("sparse", sparse_path)):
-            runner = TrtRunner(_engine_bytes(path, config, tmp), feeds)
-            outs[tag] = runner.run()
-            inner = auto_inner(runner, cuda=True)
-            with torch.cuda.stream(runner.stream):
-                stats[tag] = time_callable(runner, iters=iters, warmup=warmup, cuda=True, stream=runner.stream, inner=inner)
-    check = {}
-    if sparse_path.suffix == ".onnx":
-        with Session(sparse_path, threads=config.threads) as sess:
-            ref = list(sess.run(feeds).values())
-        check = {"sparse_engine_vs_ort_" + k: v for k, v in agreement(ref, outs["sparse"]).items()}
-    from permsparse.runtime.torch_sparse import env_info
-
-    env = env_info()
-    row = BenchRow(sparse_path.stem, stats["dense"], stats["sparse"])
-    return BenchResult("tensorrt", env.get("gpu", "cuda"), config.precision or "fp16", tuple(profiles.values()), (row,),
-                       (), check, env)
-
-
-# ------------------------------------------------------------------------------------------------------- entry
+    return contextlib.nullcontext()
 
 
 def run_bench(
@@ -397,24 +185,72 @@ def run_bench(
     """Time ``dense_path`` vs ``sparse_path`` with ``config.backend``; writes ``config.plot_path`` if given."""
     config = config or BenchConfig()
     backend = config.backend or "ort"
-    if backend not in BACKENDS:
-        raise PermsparseError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    cls = get_backend(backend)
     sparse_path, dense_path = Path(sparse_path), Path(dense_path)
     for p in (sparse_path, dense_path):
         if not p.is_file():
             raise PermsparseError(f"{p}: no such file (check the path)")
-    if backend != "tensorrt":
-        load_model(sparse_path, check=False)
-        load_model(dense_path, check=False)
     iters = 50 if config.iters is None else config.iters
     warmup = 10 if config.warmup is None else config.warmup
     if iters < 1 or warmup < 0:
         raise PermsparseError("--iters must be >= 1 and --warmup >= 0")
-    fn = {"ort": _bench_ort, "torch": _bench_torch, "tensorrt": _bench_tensorrt}[backend]
-    result = fn(sparse_path, dense_path, config, iters, warmup)
+    onnx_for_shapes = sparse_path if sparse_path.suffix == ".onnx" else dense_path
+    if onnx_for_shapes.suffix != ".onnx":
+        raise PermsparseError("give at least one ONNX model so input shapes and feeds can be derived")
+    model, _, profiles = _opt_shapes(onnx_for_shapes, config)
+    feeds = random_feeds(model, {k: v.opt for k, v in profiles.items()}, seed=config.seed or 0)
+    del model
+    runs: dict[str, tuple[list[np.ndarray], TimingStats, dict[str, float], str, str]] = {}
+    notes: list[str] = []
+    for tag, path, kwargs in [("dense", dense_path, {}), ("sparse", sparse_path, {}),
+                              *[(label, dense_path, kw) for label, kw in cls.baselines(config)]]:
+        runner = cls(path, config, label=tag, **kwargs)
+        try:
+            runs[tag] = _measure(runner, feeds, iters, warmup)
+        except PermsparseError:
+            raise
+        except Exception as exc:
+            if tag in ("dense", "sparse"):
+                raise PermsparseError(f"{backend} backend, {tag} model {path}: {type(exc).__name__}: {exc}") from exc
+            notes.append(f"{tag}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
+            continue
+        notes.extend(n if tag == "sparse" else f"{tag} model: {n}" for n in runner.notes
+                     if tag == "sparse" or not n.startswith("no 2:4 weight"))
+        if backend == "ort" and tag == "sparse":
+            notes.append(cls.note)  # type: ignore[attr-defined]
+    (d_out, d_st, _, _, _), (s_out, s_st, s_checks, precision, device) = runs["dense"], runs["sparse"]
+    rows = [BenchRow(sparse_path.stem, d_st, s_st)]
+    rows += [BenchRow(f"{sparse_path.stem} vs {tag}", st, s_st) for tag, (_, st, _, _, _) in runs.items()
+             if tag not in ("dense", "sparse")]
+    check = {f"dense_vs_sparse_{k}": v for k, v in agreement(d_out, s_out).items()}
+    check.update(s_checks)
+    reference = config.reference
+    if reference is None:
+        reference = backend != "ort" and _model_bytes(sparse_path) <= ORT_CHECK_MAX_BYTES
+    if reference and sparse_path.suffix == ".onnx":
+        with Session(sparse_path, threads=config.threads) as sess:
+            names = [n for n in sess.input_names]
+            ref = list(sess.run({k: feeds[k] for k in names}).values())
+        check.update({f"sparse_vs_ort_{k}": v for k, v in agreement(ref, s_out).items()})
+    env: dict[str, str] = {}
+    if backend != "ort":
+        try:
+            from permsparse.runtime.torch_sparse import env_info
+
+            env = env_info()
+        except Exception as exc:  # torch missing: the table still stands
+            logger.info("no environment record: %s", exc)
+    result = BenchResult(backend, device, precision, tuple(profiles.values()), tuple(rows), tuple(notes), check, env)
     if config.plot_path:
         plot_result(result, config.plot_path)
     return result
+
+
+def _model_bytes(path: Path) -> int:
+    total = path.stat().st_size
+    for extra in path.parent.glob(path.name + ".data"):
+        total += extra.stat().st_size
+    return total
 
 
 def write_json(result: BenchResult, path: str | os.PathLike[str]) -> Path:

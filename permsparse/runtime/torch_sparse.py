@@ -20,9 +20,9 @@ import numpy as np
 
 from permsparse.runtime.timing import TimingStats, auto_inner, time_callable
 
-logger = logging.getLogger(__name__)
-
 from permsparse.config import SPARSE_METHODS
+
+logger = logging.getLogger(__name__)
 
 DTYPES: tuple[str, ...] = ("fp16", "bf16")
 
@@ -166,6 +166,28 @@ def sparse_linear_fn(w_nk: Any, x: Any, method: str) -> tuple[Callable[[], Any],
     raise ValueError(f"unknown sparse method '{method}'; choose from {', '.join(SPARSE_METHODS)}")
 
 
+def in_cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured once in a CUDA graph (after warm-up on a side stream); the result replays it and returns the
+    captured output tensor. Raises if ``fn`` cannot be captured (host synchronization, host-side allocation...)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+
+    def replay() -> Any:
+        g.replay()
+        return out
+
+    return replay
+
+
 def time_linear(
     shape: LinearShape,
     dtype: str = "fp16",
@@ -174,18 +196,24 @@ def time_linear(
     iters: int = 50,
     warmup: int = 10,
     seed: int = 0,
+    device: str = "cuda",
+    graph: bool = False,
 ) -> LinearTiming:
-    """Time dense vs sparse ``x[T, K] @ W[K, N]`` on the current CUDA device.
+    """Time dense vs sparse ``x[T, K] @ W[K, N]`` on ``device`` (the current CUDA device by default).
 
     ``weight_nk`` (``[N, K]``, already 2:4 along K) is used when given; otherwise a random weight is 2:4-masked.
     Relative errors are ‖y − y_dense‖ / ‖y_dense‖ with the same masked weight, so they measure the kernel only.
+    On ``device="cpu"`` (the CPU rehearsal) only the dense product is timed; every 2:4 method is recorded as failed
+    ("2:4 kernels need CUDA"). ``graph``: time each call replayed from a CUDA graph (what the whole-model evaluator
+    does), which leaves out per-call host work such as cuSPARSELt's plan set-up inside ``torch._cslt_sparse_mm``.
     """
     import torch
     import torch.nn.functional as F
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("time_linear needs a CUDA GPU")
-    dev = torch.device("cuda")
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("time_linear needs a CUDA GPU (or device='cpu' for a dense-only rehearsal)")
+    dev = torch.device(device)
     dt = torch_dtype(dtype)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if weight_nk is None:
@@ -194,16 +222,24 @@ def time_linear(
         w = torch.from_numpy(np.ascontiguousarray(weight_nk, dtype=np.float32)).to(dev, dt)
     x = torch.randn(shape.tokens, shape.k, generator=gen).to(dev, dt)
     dense_fn = lambda: F.linear(x, w)
+    if graph and cuda:
+        dense_fn = in_cuda_graph(dense_fn)
     ref = dense_fn().float()
-    inner = auto_inner(dense_fn, cuda=True)
-    dense = time_callable(dense_fn, iters=iters, warmup=warmup, cuda=True, inner=inner)
+    inner = auto_inner(dense_fn, cuda=cuda)
+    dense = time_callable(dense_fn, iters=iters, warmup=warmup, cuda=cuda, inner=inner)
     sparse: dict[str, TimingStats | None] = {}
     errors: dict[str, str] = {}
     rel: dict[str, float] = {}
     alg_id = None
     for method in methods:
+        if not cuda:
+            sparse[method] = None
+            errors[method] = "not run: 2:4 kernels need CUDA (CPU rehearsal)"
+            continue
         try:
             fn, alg = sparse_linear_fn(w, x, method)
+            if graph:
+                fn = in_cuda_graph(fn)
             out = fn().float()
             if out.shape != ref.shape:
                 raise RuntimeError(f"output shape {tuple(out.shape)} != {tuple(ref.shape)}")
