@@ -40,11 +40,47 @@ class ExportConfig:
     dtype: str | None = None
 
 
-def optimize(model: PathLike, output: PathLike | None, config: OptimizeConfig | None = None) -> OptimizeResult:
-    """Analyze, calibrate, learn permutations, fold, mask, verify and write ``output`` (see :mod:`permsparse.pipeline`)."""
+def optimize(model: PathLike, output: PathLike | None, config: OptimizeConfig | None = None, *,
+             recipe: PathLike | None = None) -> OptimizeResult:
+    """Analyze, calibrate, learn permutations, fold, mask, verify and write ``output`` (see :mod:`permsparse.pipeline`).
+
+    ``recipe``: a ``<output>.recipe.json`` of an earlier run; its permutations are replayed instead of learned and its
+    options are used where ``config`` leaves them ``None`` (:func:`replay`).
+    """
+    if recipe is not None:
+        return replay(model, output, recipe, config)
     from permsparse.pipeline import optimize as run
 
+    _sweep_stale_temp()
     return run(model, output, config)
+
+
+def replay(model: PathLike, output: PathLike | None, recipe: PathLike, config: OptimizeConfig | None = None
+           ) -> OptimizeResult:
+    """Make ``output`` from ``model`` with the options and permutations recorded in ``recipe`` (no learning).
+
+    Options given in ``config`` win over the recorded ones, except those that decide the permutation units (policy,
+    pattern, prune_head, exclude), which must agree with the recipe (:func:`permsparse.recipe.replay_config`).
+    """
+    from permsparse.pipeline import optimize as run
+    from permsparse.recipe import check_input, read_recipe, replay_config
+
+    doc = read_recipe(recipe)
+    cfg = replay_config(doc, config)
+    cfg.resolved()  # contradictions fail here, before any work
+    _sweep_stale_temp()
+    result = run(model, output, cfg)
+    check_input(doc, result.input_sha256, model)
+    return result
+
+
+def _sweep_stale_temp() -> None:
+    """Remove the solver's temporary folders left in $TMPDIR by runs that were killed (their process is gone)."""
+    import tempfile
+
+    from permsparse.optimizer.solve import _sweep_stale
+
+    _sweep_stale(Path(tempfile.gettempdir()))
 
 
 def inspect(model: PathLike, config: InspectConfig | None = None) -> InspectResult:

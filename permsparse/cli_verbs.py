@@ -37,34 +37,24 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
         if args.learn_iters:
             kw["iterations"] = args.learn_iters
         learned = LearnedConfig(**kw)
-    options: dict[str, Any] = {}
-    recipe_perms = None
-    if args.recipe is not None:
-        from permsparse.recipe import read_recipe
-
-        doc = read_recipe(args.recipe)
-        options = {k: v for k, v in doc["options"].items() if k in ("method", "policy", "pattern", "importance",
-                                                                    "prune_head", "exclude", "seed")}
-        options["exclude"] = tuple(options.get("exclude") or ())
-        recipe_perms = doc["units"]
     given = {k: getattr(args, k) for k in ("method", "policy", "pattern", "importance", "objective", "reconstruct",
                                            "sequential", "finetune_epochs", "finetune_lr", "block_steps", "teacher", "damp",
                                            "calib", "calib_samples", "calib_seq_len", "tokenizer", "seed",
                                            "budget_s", "workers", "rtol", "check", "cluster", "work_dir") if getattr(args, k) is not None}
-    options.update(given)
-    cfg = OptimizeConfig(
-        **options,
-        mask=not args.no_mask,
-        prune_head=args.prune_head or options.get("prune_head"),
-        exclude=tuple(args.exclude) or options.get("exclude"),
+    cfg = OptimizeConfig(  # None = not given: the default, or the recipe's value when replaying
+        **given,
+        mask=False if args.no_mask else None,
+        prune_head=True if args.prune_head else None,
+        exclude=tuple(args.exclude) or None,
         shapes=_shape_specs(args) or None,
         learned=learned,
-        recipe_perms=recipe_perms,
         evaluate=args.report is not None,
         progress=not args.quiet,
     )
-    cfg.resolved()  # bad options fail here, before any work
-    result = optimize(args.model, args.output, cfg)  # unresolved: defaults may adapt to the model, given options not
+    if args.recipe is None:
+        cfg.resolved()  # bad options fail here, before any work
+    # unresolved: defaults may adapt to the model, given options not; a recipe is checked and merged by the API
+    result = optimize(args.model, args.output, cfg, recipe=args.recipe)
     cfg = result.config
     from permsparse.report import quality_lines
     from permsparse.summary import optimize_summary
