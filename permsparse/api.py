@@ -12,6 +12,7 @@ tensorrt) are imported only when a function runs.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from permsparse.runtime.trt import BuildConfig, BuildReport
 
 PathLike = str | os.PathLike[str]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,8 @@ def optimize(model: PathLike, output: PathLike | None, config: OptimizeConfig | 
     """
     if recipe is not None:
         return replay(model, output, recipe, config)
-    from permsparse.pipeline import optimize as run
-
     _sweep_stale_temp()
-    return run(model, output, config)
+    return _run(model, output, config or OptimizeConfig())
 
 
 def replay(model: PathLike, output: PathLike | None, recipe: PathLike, config: OptimizeConfig | None = None
@@ -62,15 +63,49 @@ def replay(model: PathLike, output: PathLike | None, recipe: PathLike, config: O
     Options given in ``config`` win over the recorded ones, except those that decide the permutation units (policy,
     pattern, prune_head, exclude), which must agree with the recipe (:func:`permsparse.recipe.replay_config`).
     """
-    from permsparse.pipeline import optimize as run
     from permsparse.recipe import check_input, read_recipe, replay_config
 
     doc = read_recipe(recipe)
     cfg = replay_config(doc, config)
     cfg.resolved()  # contradictions fail here, before any work
     _sweep_stale_temp()
-    result = run(model, output, cfg)
+    result = _run(model, output, cfg)
     check_input(doc, result.input_sha256, model)
+    return result
+
+
+def _run(model: PathLike, output: PathLike | None, config: OptimizeConfig) -> OptimizeResult:
+    """The pipeline, then (``config.evaluate``) the held-out evaluation of the written model.
+
+    The evaluation runs after the model and its recipe are written, so an interrupt there must not say "nothing
+    written": it raises :class:`~permsparse.errors.Interrupted` (exit 130) naming the files that stay.
+    """
+    import time
+    from dataclasses import replace
+
+    from permsparse.errors import Interrupted
+    from permsparse.pipeline import optimize as run
+
+    result = run(model, output, replace(config, evaluate=False))
+    if not config.evaluate or output is None or not result.config.mask:
+        return result
+    from permsparse.evaluate import HELDOUT_SAMPLES, evaluate_quality
+    from permsparse.ir.save import work_dir
+    from permsparse.recipe import recipe_path
+
+    out = Path(output)
+    log.info("report: measuring plain %s and the result against the dense model on %d held-out examples ...",
+             result.config.pattern, HELDOUT_SAMPLES)
+    t = time.perf_counter()
+    try:
+        with work_dir(out.parent, "evaluate") as work:
+            result.quality = evaluate_quality(Path(model), out, result, work)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during the --report evaluation: {out} and {recipe_path(out).name} were "
+                          "written (complete and checked); no report was written") from None
+    result.timings["evaluate"] = time.perf_counter() - t
+    result.timings["total"] = result.timings.get("total", 0.0) + result.timings["evaluate"]
+    log.info("report: evaluation done in %.1f s", result.timings["evaluate"])
     return result
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -115,8 +116,23 @@ def _shapes(p: argparse.ArgumentParser, what: str) -> None:
 # ------------------------------------------------------------------------------------------------- parser
 
 
+class _ArgumentError(Exception):
+    """argparse's usage error, raised instead of printing the usage block and exiting (main prints one line)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the README's promise), with a pointer to ``--help``."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise _ArgumentError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="permsparse",
         description="2:4 sparsity for ONNX Transformers with learned channel permutations folded into the weights.",
         epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 verification refused to write, 130 interrupted",
@@ -280,11 +296,23 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(_split_shape_values(argv))
+    except _ArgumentError as exc:
+        verb = next((a for a in argv if a in _verbs(parser)), None)
+        fake = argparse.Namespace(command=verb)
+        prog = f"{exc.prog} {verb}" if verb and exc.prog == parser.prog else exc.prog
+        return _fail(fake, "--json" in argv, f"{exc} (see `{prog} --help`)", UsageError.exit_code)
     if getattr(args, "sparse", None) in ("enable", "disable"):
         args.sparse = args.sparse == "enable"
-    _setup_logging(args)
     as_json = bool(getattr(args, "json", False))
+    try:
+        _setup_logging(args)
+    except OSError as exc:
+        from permsparse.errors import os_reason
+
+        return _fail(args, as_json, f"--log-file {args.log_file}: {os_reason(exc)}; choose a writable file", 2)
     if as_json or getattr(args, "quiet", False):
         args.quiet = True
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -302,8 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if getattr(args, "verbose", 0) >= 2:
             log.exception("failure")
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        return _fail(args, as_json, f"{exc.strerror or exc}{where}", 1)
+        from permsparse.errors import os_reason
+
+        reason, name = os_reason(exc), getattr(exc, "filename", None)
+        if name and reason != exc.strerror:  # a file where a folder is needed: say which
+            return _fail(args, as_json, f"cannot write {name}: {reason}; choose another path", 1)
+        return _fail(args, as_json, f"{reason}{f' ({name})' if name else ''}", 1)
     except Exception as exc:  # a bug: still one line, the traceback with -vv
         if getattr(args, "verbose", 0) >= 2:
             log.exception("internal error")
@@ -316,6 +348,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(outcome.text)
     return 0
+
+
+def _verbs(parser: argparse.ArgumentParser) -> list[str]:
+    return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
+
+
+_SHAPE_FLAGS = ("--shapes", "--input-shapes")
+_SHAPE_VALUE = re.compile(r"^[^-\s].*:[\[\]\d\sxX,;]+$")
+
+
+def _split_shape_values(argv: list[str]) -> list[str]:
+    """``--shapes a:1x8 model.onnx`` would read the model as a shape (nargs='+'): pass each value that looks like a
+    shape as its own ``--shapes=VALUE`` so the first one that does not (the model) stays a positional argument."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        if a in _SHAPE_FLAGS and i + 1 < len(argv):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            while i < len(argv) and _SHAPE_VALUE.match(argv[i]):
+                out.append(f"{a}={argv[i]}")
+                i += 1
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def _fail(args: argparse.Namespace, as_json: bool, message: str, code: int) -> int:

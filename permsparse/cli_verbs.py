@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -23,9 +24,31 @@ def _shape_specs(args: argparse.Namespace) -> dict:
 
 
 
+def check_folder(path: Path | None, flag: str) -> None:
+    """Refuse, before any work, a folder option that cannot be created: a file in the way, or no write permission
+    (nothing is created here)."""
+    import os
+
+    from permsparse.errors import UsageError
+
+    if path is None:
+        return
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise UsageError(f"{flag} {p}: {candidate} is a file, not a folder; choose another {flag}")
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {p}: cannot write in {candidate}; choose another {flag}")
+            return
+
+
 def _cmd_optimize(args: argparse.Namespace) -> Outcome:
     from permsparse.api import optimize
     from permsparse.config import OptimizeConfig
+
+    check_folder(args.report, "--report")
+    check_folder(args.work_dir, "--work-dir")
 
     learned = None
     if args.learn_window or args.learn_iters:
@@ -75,7 +98,15 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
     if args.report:
         from permsparse.report import write_report
 
-        path = write_report(result, args.report)
+        try:
+            path = write_report(result, args.report)
+        except KeyboardInterrupt:
+            from permsparse.errors import Interrupted
+            from permsparse.recipe import recipe_path
+
+            raise Interrupted(f"interrupted while writing the report: {args.output} and "
+                              f"{recipe_path(args.output).name} were written (complete and checked); the report "
+                              "may be incomplete") from None
         lines.append(f"report: {path}")
         data["report"] = str(path)
     lines.append(f"wrote {args.output} ({'dense, permuted' if args.no_mask else f'{cfg.pattern} sparse'}) "
