@@ -48,8 +48,8 @@ def measure_lines(result) -> list[str]:
         if result.masks:
             ident = float(np.mean([st.kept_share_identity for st in result.masks]))
             perm = float(np.mean([st.kept_share for st in result.masks]))
-            out.append(f"importance kept per weight (mean): plain {pattern} {ident:.4f} -> permuted {perm:.4f} "
-                       f"({result.config.importance} scores, what the permutations maximize)")
+            out.append(f"importance kept per weight (mean of the {result.config.importance} scores the permutations "
+                       f"maximize): plain {pattern} {ident:.4f} -> permuted {perm:.4f}")
         return out
     if means is not None:
         out.append(f"permutation objective, importance kept (mean over {len(result.unit_reports)} units): "
