@@ -290,6 +290,25 @@ def _setup_logging(args: argparse.Namespace) -> None:
         root.addHandler(fh)
 
 
+def _private_torch_cache() -> None:
+    """torch creates ``$TMPDIR/torchinductor_<user>`` (export, Adam) and leaves it behind; point it at a folder of
+    this process, removed at exit and, if the process is killed, swept by the next run as a stale solver folder
+    (its name carries the pid). A cache folder the user chose is kept."""
+    import os
+
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    from permsparse.optimizer.solve import TMP_PREFIX
+
+    path = os.path.join(tempfile.gettempdir(), f"{TMP_PREFIX}{os.getpid()}-torchinductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    atexit.register(shutil.rmtree, path, True)
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -315,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, as_json, f"--log-file {args.log_file}: {os_reason(exc)}; choose a writable file", 2)
     if as_json or getattr(args, "quiet", False):
         args.quiet = True
+    _private_torch_cache()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     func: Callable[[argparse.Namespace], verbs.Outcome] = args.func
     try:

@@ -59,7 +59,8 @@ def measure_lines(result) -> list[str]:
     final = float(np.mean([b.err_final for b in reps]))
     cfg = result.config
     first = "SparseGPT" if cfg.reconstruct == "sparsegpt" else "masking"
-    tuned = f" -> {final:.4g} after {cfg.finetune_epochs} epochs of tuning" if cfg.finetune_epochs else ""
+    ep = cfg.finetune_epochs
+    tuned = f" -> {final:.4g} after {ep} epoch{'s' if ep != 1 else ''} of tuning" if ep else ""
     target = "the dense model's block output" if cfg.teacher == "dense" else "the dense block on the pruned input"
     out.append(f"block output error ||y - y_target||²/||y_target||² against {target}, on calibration data (what "
                f"reconstruction and tuning reduce; mean over {len(reps)} blocks): {pruned:.4g} after {first}{tuned}")
