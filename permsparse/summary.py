@@ -127,22 +127,36 @@ def optimize_summary(result) -> str:
     return "\n".join(out)
 
 
-def inspect_table(result) -> str:
-    """The inspect listing: one row per weight, then totals."""
+def inspect_table(result, verbose: bool = False) -> str:
+    """The inspect listing: one row per weight, then totals. The fold column is never cut: a long status names its
+    first blocked boundary and the count of the others; ``verbose`` adds each weight's constant and the reason it is
+    not prunable, and a listing of the closures with every boundary."""
     pattern = result.pattern
-    rows = [
-        [
-            r["layer"], "x".join(map(str, r["shape"])), r["dtype"], r["k_axis"], r["closure"],
-            r["fold"] if len(r["fold"]) < 60 else r["fold"][:57] + "...",
+    rows = []
+    for r in result.weights:
+        row = [
+            r["layer"], "x".join(map(str, r["shape"])), r["dtype"], r["k_axis"],
+            "-" if r["closure"] is None else r["closure"], r["fold"],
             "yes" if r["nm_valid"] else "no", f"{r['density']:.3f}",
             "-" if r["kept_abs_by_nm"] is None else f"{r['kept_abs_by_nm']:.4f}",
         ]
-        for r in result.weights
-    ]
+        if verbose:
+            row += [r["constant"], "yes" if r["prunable"] else f"no: {r['reason'] or '-'}"]
+        rows.append(row)
+    headers = ["weight", "shape", "dtype", "K axis", "closure", "fold", str(pattern), "density",
+               f"|W| kept by {pattern}"]
+    if verbose:
+        headers += ["constant", "prunable"]
     d = result.to_dict()["summary"]
-    return "\n".join([
-        table(["weight", "shape", "dtype", "K axis", "closure", "fold", str(pattern), "density",
-               f"|W| kept by {pattern}"], rows),
+    out = [
+        table(headers, rows),
         f"{d['weights']} weights, {d['nm_valid']} valid {pattern}; {d['closures']} closures, "
         f"{d['fold_for_free']} fold for free",
-    ])
+    ]
+    if verbose and result.closures:
+        crow = [[c["id"], c["k"], "free" if c["block"] == c["k"] else c["block"], len(c["siblings"]),
+                 len(c["members"]), "yes" if c["foldable"] else "no",
+                 "; ".join(c["boundaries"]) if c["boundaries"] else c["status"]] for c in result.closures]
+        out += ["", "closures:", table(["closure", "K", "block", "siblings", "members", "folds free",
+                                        "blocked boundaries (or status)"], crow)]
+    return "\n".join(out)
