@@ -271,16 +271,63 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------- main
 
 
+#: Loggers whose INFO lines are shown by default on a terminal (not under -q/--json): what a run is doing during its
+#: long steps, so no stretch of a run is silent (stage starts, the report's evaluation, export). -v shows every INFO line.
+STATUS_LOGGERS = ("permsparse.pipeline", "permsparse.api", "permsparse.cli_verbs")
+
+
+class _StatusFilter(logging.Filter):
+    """At the default verbosity: warnings and errors, plus the start of each step from :data:`STATUS_LOGGERS`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return record.levelno == logging.INFO and record.name in STATUS_LOGGERS and \
+            " done in " not in record.getMessage()
+
+
+#: What each stage of ``optimize`` does, for its status line.
+STAGE_WORDS = {
+    "load": "reading and checking the model",
+    "probe": "shapes of every tensor",
+    "analyze": "weights and permutation closures",
+    "calibrate": "activation norms on calibration data",
+    "learn": "solving the permutations",
+    "block-wise": "calibration, permutations, SparseGPT and tuning, block by block",
+    "fold": "folding the permutations into the weights",
+    "verify": "fold check: the permuted dense model against the input",
+    "mask+save": "N:M masks, the independent N:M check, writing",
+}
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name in STATUS_LOGGERS:
+            msg = record.getMessage()
+            stage = msg[:-4] if msg.endswith(" ...") else None
+            if stage in STAGE_WORDS:
+                msg = f"{stage}: {STAGE_WORDS[stage]} ..."
+            return f"permsparse: {msg}"
+        return super().format(record)
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     verbose = getattr(args, "verbose", 0) or 0
-    level = logging.ERROR if getattr(args, "quiet", False) else logging.WARNING - 10 * min(verbose, 2)
+    quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+    level = logging.ERROR if quiet else logging.WARNING - 10 * min(verbose, 2)
+    # status lines only for a person watching a terminal: piped or captured stderr keeps the one-line error promise
+    status = not quiet and verbose == 0 and sys.stderr.isatty()
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(level)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO if status else level)
+    if status:
+        handler.addFilter(_StatusFilter())
+    handler.setFormatter(_Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+    for name in STATUS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if status else logging.NOTSET)
     root.setLevel(min(level, logging.DEBUG if getattr(args, "log_file", None) else level))
     log_file = getattr(args, "log_file", None)
     if log_file is not None:

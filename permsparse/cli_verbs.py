@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,7 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
 
     check_folder(args.report, "--report")
     check_folder(args.work_dir, "--work-dir")
+    log.info("optimize %s -> %s: loading libraries ...", args.model, args.output)
 
     learned = None
     if args.learn_window or args.learn_iters:
@@ -167,6 +171,7 @@ def _cmd_export(args: argparse.Namespace) -> Outcome:
     from permsparse.models.export import summarize_onnx
 
     start = time.perf_counter()
+    log.info("export %s (%s exporter): building the model and tracing it to ONNX ...", args.model, args.exporter)
     path = export(args.model, args.output, ExportConfig(exporter=args.exporter, size=args.size, seed=args.seed,
                                                         hf_dir=args.hf_dir, dtype=args.dtype))
     elapsed = time.perf_counter() - start
