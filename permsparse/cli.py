@@ -356,12 +356,36 @@ def _private_torch_cache() -> None:
     atexit.register(shutil.rmtree, path, True)
 
 
+def _ignore_signals() -> None:
+    """After an interrupt was handled (cleanup done, message printed), let no later SIGINT/SIGTERM turn the exit into
+    a death by signal: the process exits 130 as documented (only from the main thread, where handlers can be set)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 now, after the exit handlers ran. An interrupt that lands inside ``import torch`` (or another C
+    extension's start-up) can leave the interpreter marked as killed by SIGINT, and a normal exit then dies by SIGINT
+    (exit status -2) even though the interrupt was handled; the documented status is 130."""
+    import atexit
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(130)
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    as_program = argv is None  # the process is this command: after an interrupt, later signals are ignored
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(_split_shape_values(argv))
@@ -387,11 +411,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = func(args)
     except KeyboardInterrupt:
-        return _fail(args, as_json, "interrupted: stopped, temporary files removed, nothing written", 130)
+        if as_program:
+            _ignore_signals()
+        code = _fail(args, as_json, "interrupted: stopped, temporary files removed, nothing written", 130)
+        if as_program:
+            _exit_interrupted()
+        return code
     except PermsparseError as exc:
+        if exc.exit_code == 130 and as_program:
+            _ignore_signals()
         if getattr(args, "verbose", 0) >= 2:
             log.exception("failure")
-        return _fail(args, as_json, str(exc), exc.exit_code)
+        code = _fail(args, as_json, str(exc), exc.exit_code)
+        if exc.exit_code == 130 and as_program:
+            _exit_interrupted()
+        return code
     except MemoryError:
         return _fail(args, as_json, "out of memory; try fewer --calib-samples or --workers 1", 1)
     except OSError as exc:
@@ -409,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, as_json, f"internal error ({type(exc).__name__}: {exc}); run with -vv for the traceback "
                      "and please report it", 1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
     if as_json:
         print(json.dumps({"command": args.command, "ok": True, **outcome.data}, default=_jsonable))
     else:

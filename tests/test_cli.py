@@ -63,7 +63,7 @@ def test_every_option_the_readme_names_exists():
 
 def test_readme_verb_lines_parse():
     """The command block at the top of the README parses as written (paths are only parsed, nothing runs)."""
-    block = re.search(r"```\n(permsparse optimize.*?)```", README, flags=re.S)
+    block = re.search(r"```\n(permsparse optimize.*?)```", README, flags=re.DOTALL)
     assert block is not None
     parser = build_parser()
     lines = [ln.split("#")[0].split() for ln in block.group(1).splitlines() if ln.startswith("permsparse ")]
@@ -195,7 +195,7 @@ def test_report_tells_one_consistent_story(tmp_path, exported, capsys):
 
 
 def test_interrupt_during_report_evaluation_says_what_was_written(tmp_path, exported, capsys, monkeypatch):
-    import permsparse.evaluate as evaluate
+    from permsparse import evaluate
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -276,7 +276,7 @@ _SWITCHES = ["-q", "-v", "-vv", "--json", "--no-mask", "--prune-head", "--sequen
 def test_fuzz_argument_spellings(tmp_path, exported, capsys, monkeypatch):
     """300 seeded random command lines for optimize (the API replaced by a stub that records the config): each is a
     one-line error with exit 2, or reaches the API with a config that resolves; --json always prints one object."""
-    import permsparse.api as api
+    from permsparse import api
     from permsparse.errors import PermsparseError
 
     reached: list = []
@@ -339,6 +339,7 @@ def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
+@pytest.mark.slow  # two interpreter starts and a block-wise run with tuning: ~50 s on 2 contended cores
 def test_no_leftovers_after_success_and_failure(tmp_path, exported):
     """A default (block-wise) optimize and a failing one leave nothing in $TMPDIR, and beside the output only the
     model and its recipe (no onnxruntime session file, no torch inductor folder, no temporary folders)."""
