@@ -367,9 +367,9 @@ def _ignore_signals() -> None:
 
 
 def _exit_interrupted() -> None:
-    """Exit 130 now, after the exit handlers ran. An interrupt that lands inside ``import torch`` (or another C
-    extension's start-up) can leave the interpreter marked as killed by SIGINT, and a normal exit then dies by SIGINT
-    (exit status -2) even though the interrupt was handled; the documented status is 130."""
+    """Exit 130 now, after the exit handlers ran. With a normal exit, a run interrupted during the probe step (while
+    ``import torch`` runs) was seen to die by SIGINT after printing its message (status -2 instead of 130, 3 of 7
+    tries; the mechanism inside the interpreter's shutdown was not pinned down); the documented status is 130."""
     import atexit
     import os
 

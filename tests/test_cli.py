@@ -390,3 +390,30 @@ def test_no_leftovers_after_a_signal(tmp_path, exported, sig):
     assert proc.returncode == 0, err
     assert _listing(tmpdir) == []
     assert _listing(out_dir) == ["m.onnx", "m.recipe.json"]
+
+
+# ------------------------------------------------------------------------------------------------ small things
+
+
+def test_inspect_verbose_adds_constants_and_closures(exported, capsys):
+    src = exported("llama", "legacy")
+    assert main(["inspect", str(src)]) == 0
+    plain = capsys.readouterr().out
+    assert main(["inspect", str(src), "-v"]) == 0
+    verbose = capsys.readouterr().out
+    assert plain.splitlines()[0].startswith("weight ") and "..." not in plain  # header first, no cut column
+    assert "closures:" in verbose and "constant" in verbose.splitlines()[0] and "closures:" not in plain
+    assert len(verbose.splitlines()) > len(plain.splitlines())
+
+
+def test_status_lines_on_a_terminal_only(exported, tmp_path, capsys, monkeypatch):
+    """On a terminal, each stage says what it does as it starts; -q, --json and captured stderr stay silent."""
+    src = exported("llama", "legacy")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["optimize", str(src), "-o", str(tmp_path / "a.onnx"), *[a for a in FAST if a != "-q"]]) == 0
+    err = capsys.readouterr().err
+    status = [ln for ln in err.splitlines() if ln.startswith("permsparse: ")]
+    assert any("probe: shapes of every tensor" in ln for ln in status), err
+    assert any("verify: fold check" in ln for ln in status) and not any("done in" in ln for ln in status)
+    assert main(["optimize", str(src), "-o", str(tmp_path / "b.onnx"), *FAST]) == 0
+    assert "permsparse: " not in capsys.readouterr().err
