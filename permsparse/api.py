@@ -5,6 +5,7 @@
     print(result.equivalence.max_rel_error, sum(result.nm_valid.values()))
     info = permsparse.inspect("model.sparse.onnx")
     print(info.n_valid, "of", len(info.weights), "weights are 2:4")
+    again = permsparse.replay("model.onnx", "again.sparse.onnx", "model.sparse.recipe.json")  # no learning
 
 The command line (:mod:`permsparse.cli`) is a thin layer over these functions. Heavy packages (torch, onnxruntime,
 tensorrt) are imported only when a function runs.
