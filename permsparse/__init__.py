@@ -6,13 +6,14 @@ Public API (lazy: nothing heavy is imported until a verb runs)::
     result = permsparse.optimize("model.onnx", "model.sparse.onnx", permsparse.OptimizeConfig(importance="wanda"))
     report = permsparse.inspect("model.sparse.onnx")
 
-Verbs: :func:`optimize`, :func:`inspect`, :func:`build`, :func:`bench`, :func:`export`; configs:
+Verbs: :func:`optimize`, :func:`replay` (a recipe), :func:`inspect`, :func:`build`, :func:`bench`, :func:`export`; configs:
 :class:`OptimizeConfig`, :class:`InspectConfig`, :class:`BuildConfig`, :class:`BenchConfig`, :class:`ExportConfig`;
 values: :class:`NMPattern`, :class:`ShapeSpec`; errors: :class:`PermsparseError` and its subclasses.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from permsparse.errors import (
@@ -24,12 +25,17 @@ from permsparse.errors import (
 
 __version__ = "0.2.0"
 
+# onnxruntime's telemetry writes a ".ses" session file into $TMPDIR on every run and never removes it; it reads this
+# variable once, when onnxruntime is imported (worker processes inherit it). A user's own setting is kept.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 _LAZY = {
     "optimize": "permsparse.api",
     "inspect": "permsparse.api",
     "build": "permsparse.api",
     "bench": "permsparse.api",
     "export": "permsparse.api",
+    "replay": "permsparse.api",
     "ExportConfig": "permsparse.api",
     "OptimizeConfig": "permsparse.config",
     "InspectConfig": "permsparse.inspection",

@@ -5,6 +5,7 @@
     print(result.equivalence.max_rel_error, sum(result.nm_valid.values()))
     info = permsparse.inspect("model.sparse.onnx")
     print(info.n_valid, "of", len(info.weights), "weights are 2:4")
+    again = permsparse.replay("model.onnx", "again.sparse.onnx", "model.sparse.recipe.json")  # no learning
 
 The command line (:mod:`permsparse.cli`) is a thin layer over these functions. Heavy packages (torch, onnxruntime,
 tensorrt) are imported only when a function runs.
@@ -12,6 +13,7 @@ tensorrt) are imported only when a function runs.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 
 PathLike = str | os.PathLike[str]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -40,11 +44,79 @@ class ExportConfig:
     dtype: str | None = None
 
 
-def optimize(model: PathLike, output: PathLike | None, config: OptimizeConfig | None = None) -> OptimizeResult:
-    """Analyze, calibrate, learn permutations, fold, mask, verify and write ``output`` (see :mod:`permsparse.pipeline`)."""
+def optimize(model: PathLike, output: PathLike | None, config: OptimizeConfig | None = None, *,
+             recipe: PathLike | None = None) -> OptimizeResult:
+    """Analyze, calibrate, learn permutations, fold, mask, verify and write ``output`` (see :mod:`permsparse.pipeline`).
+
+    ``recipe``: a ``<output>.recipe.json`` of an earlier run; its permutations are replayed instead of learned and its
+    options are used where ``config`` leaves them ``None`` (:func:`replay`).
+    """
+    if recipe is not None:
+        return replay(model, output, recipe, config)
+    _sweep_stale_temp()
+    return _run(model, output, config or OptimizeConfig())
+
+
+def replay(model: PathLike, output: PathLike | None, recipe: PathLike, config: OptimizeConfig | None = None
+           ) -> OptimizeResult:
+    """Make ``output`` from ``model`` with the options and permutations recorded in ``recipe`` (no learning).
+
+    Options given in ``config`` win over the recorded ones, except those that decide the permutation units (policy,
+    pattern, prune_head, exclude), which must agree with the recipe (:func:`permsparse.recipe.replay_config`).
+    """
+    from permsparse.recipe import check_input, read_recipe, replay_config
+
+    doc = read_recipe(recipe)
+    cfg = replay_config(doc, config)
+    cfg.resolved()  # contradictions fail here, before any work
+    _sweep_stale_temp()
+    result = _run(model, output, cfg)
+    check_input(doc, result.input_sha256, model)
+    return result
+
+
+def _run(model: PathLike, output: PathLike | None, config: OptimizeConfig) -> OptimizeResult:
+    """The pipeline, then (``config.evaluate``) the held-out evaluation of the written model.
+
+    The evaluation runs after the model and its recipe are written, so an interrupt there must not say "nothing
+    written": it raises :class:`~permsparse.errors.Interrupted` (exit 130) naming the files that stay.
+    """
+    import time
+    from dataclasses import replace
+
+    from permsparse.errors import Interrupted
     from permsparse.pipeline import optimize as run
 
-    return run(model, output, config)
+    result = run(model, output, replace(config, evaluate=False))
+    if not config.evaluate or output is None or not result.config.mask:
+        return result
+    from permsparse.evaluate import HELDOUT_SAMPLES, evaluate_quality
+    from permsparse.ir.save import work_dir
+    from permsparse.recipe import recipe_path
+
+    out = Path(output)
+    log.info("report: measuring plain %s and the result against the dense model on %d held-out examples ...",
+             result.config.pattern, HELDOUT_SAMPLES)
+    t = time.perf_counter()
+    try:
+        with work_dir(out.parent, "evaluate") as work:
+            result.quality = evaluate_quality(Path(model), out, result, work)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during the --report evaluation: {out} and {recipe_path(out).name} were "
+                          "written (complete and checked); no report was written") from None
+    result.timings["evaluate"] = time.perf_counter() - t
+    result.timings["total"] = result.timings.get("total", 0.0) + result.timings["evaluate"]
+    log.info("report: evaluation done in %.1f s", result.timings["evaluate"])
+    return result
+
+
+def _sweep_stale_temp() -> None:
+    """Remove the solver's temporary folders left in $TMPDIR by runs that were killed (their process is gone)."""
+    import tempfile
+
+    from permsparse.optimizer.solve import _sweep_stale
+
+    _sweep_stale(Path(tempfile.gettempdir()))
 
 
 def inspect(model: PathLike, config: InspectConfig | None = None) -> InspectResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -116,8 +117,23 @@ def _shapes(p: argparse.ArgumentParser, what: str) -> None:
 # ------------------------------------------------------------------------------------------------- parser
 
 
+class _ArgumentError(Exception):
+    """argparse's usage error, raised instead of printing the usage block and exiting (main prints one line)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the README's promise), with a pointer to ``--help``."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise _ArgumentError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="permsparse",
         description="2:4 sparsity for ONNX Transformers with learned channel permutations folded into the weights.",
         epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 verification refused to write, 130 interrupted",
@@ -259,16 +275,63 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------- main
 
 
+#: Loggers whose INFO lines are shown by default on a terminal (not under -q/--json): what a run is doing during its
+#: long steps, so no stretch of a run is silent (stage starts, the report's evaluation, export). -v shows every INFO line.
+STATUS_LOGGERS = ("permsparse.pipeline", "permsparse.api", "permsparse.cli_verbs")
+
+
+class _StatusFilter(logging.Filter):
+    """At the default verbosity: warnings and errors, plus the start of each step from :data:`STATUS_LOGGERS`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return record.levelno == logging.INFO and record.name in STATUS_LOGGERS and \
+            " done in " not in record.getMessage()
+
+
+#: What each stage of ``optimize`` does, for its status line.
+STAGE_WORDS = {
+    "load": "reading and checking the model",
+    "probe": "shapes of every tensor",
+    "analyze": "weights and permutation closures",
+    "calibrate": "activation norms on calibration data",
+    "learn": "solving the permutations",
+    "block-wise": "calibration, permutations, SparseGPT and tuning, block by block",
+    "fold": "folding the permutations into the weights",
+    "verify": "fold check: the permuted dense model against the input",
+    "mask+save": "N:M masks, the independent N:M check, writing",
+}
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name in STATUS_LOGGERS:
+            msg = record.getMessage()
+            stage = msg[:-4] if msg.endswith(" ...") else None
+            if stage in STAGE_WORDS:
+                msg = f"{stage}: {STAGE_WORDS[stage]} ..."
+            return f"permsparse: {msg}"
+        return super().format(record)
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     verbose = getattr(args, "verbose", 0) or 0
-    level = logging.ERROR if getattr(args, "quiet", False) else logging.WARNING - 10 * min(verbose, 2)
+    quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+    level = logging.ERROR if quiet else logging.WARNING - 10 * min(verbose, 2)
+    # status lines only for a person watching a terminal: piped or captured stderr keeps the one-line error promise
+    status = not quiet and verbose == 0 and sys.stderr.isatty()
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(level)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO if status else level)
+    if status:
+        handler.addFilter(_StatusFilter())
+    handler.setFormatter(_Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+    for name in STATUS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if status else logging.NOTSET)
     root.setLevel(min(level, logging.DEBUG if getattr(args, "log_file", None) else level))
     log_file = getattr(args, "log_file", None)
     if log_file is not None:
@@ -278,48 +341,149 @@ def _setup_logging(args: argparse.Namespace) -> None:
         root.addHandler(fh)
 
 
+def _private_torch_cache() -> None:
+    """torch creates ``$TMPDIR/torchinductor_<user>`` (export, Adam) and leaves it behind; point it at a folder of
+    this process, removed at exit and, if the process is killed, swept by the next run as a stale solver folder
+    (its name carries the pid). A cache folder the user chose is kept."""
+    import os
+
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    from permsparse.optimizer.solve import TMP_PREFIX
+
+    path = os.path.join(tempfile.gettempdir(), f"{TMP_PREFIX}{os.getpid()}-torchinductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    atexit.register(shutil.rmtree, path, True)
+
+
+def _ignore_signals() -> None:
+    """After an interrupt was handled (cleanup done, message printed), let no later SIGINT/SIGTERM turn the exit into
+    a death by signal: the process exits 130 as documented (only from the main thread, where handlers can be set)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 now, after the exit handlers ran. With a normal exit, a run interrupted during the probe step (while
+    ``import torch`` runs) was seen to die by SIGINT after printing its message (status -2 instead of 130, 3 of 7
+    tries; the mechanism inside the interpreter's shutdown was not pinned down); the documented status is 130."""
+    import atexit
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(130)
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    as_program = argv is None  # the process is this command: after an interrupt, later signals are ignored
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(_split_shape_values(argv))
+    except _ArgumentError as exc:
+        verb = next((a for a in argv if a in _verbs(parser)), None)
+        fake = argparse.Namespace(command=verb)
+        prog = f"{exc.prog} {verb}" if verb and exc.prog == parser.prog else exc.prog
+        return _fail(fake, "--json" in argv, f"{exc} (see `{prog} --help`)", UsageError.exit_code)
     if getattr(args, "sparse", None) in ("enable", "disable"):
         args.sparse = args.sparse == "enable"
-    _setup_logging(args)
     as_json = bool(getattr(args, "json", False))
+    try:
+        _setup_logging(args)
+    except OSError as exc:
+        from permsparse.errors import os_reason
+
+        return _fail(args, as_json, f"--log-file {args.log_file}: {os_reason(exc)}; choose a writable file", 2)
     if as_json or getattr(args, "quiet", False):
         args.quiet = True
+    _private_torch_cache()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     func: Callable[[argparse.Namespace], verbs.Outcome] = args.func
     try:
         outcome = func(args)
     except KeyboardInterrupt:
-        return _fail(args, as_json, "interrupted: stopped, temporary files removed, nothing written", 130)
+        if as_program:
+            _ignore_signals()
+        code = _fail(args, as_json, "interrupted: stopped, temporary files removed, nothing written", 130)
+        if as_program:
+            _exit_interrupted()
+        return code
     except PermsparseError as exc:
+        if exc.exit_code == 130 and as_program:
+            _ignore_signals()
         if getattr(args, "verbose", 0) >= 2:
             log.exception("failure")
-        return _fail(args, as_json, str(exc), exc.exit_code)
+        code = _fail(args, as_json, str(exc), exc.exit_code)
+        if exc.exit_code == 130 and as_program:
+            _exit_interrupted()
+        return code
     except MemoryError:
         return _fail(args, as_json, "out of memory; try fewer --calib-samples or --workers 1", 1)
     except OSError as exc:
         if getattr(args, "verbose", 0) >= 2:
             log.exception("failure")
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        return _fail(args, as_json, f"{exc.strerror or exc}{where}", 1)
+        from permsparse.errors import os_reason
+
+        reason, name = os_reason(exc), getattr(exc, "filename", None)
+        if name and reason != exc.strerror:  # a file where a folder is needed: say which
+            return _fail(args, as_json, f"cannot write {name}: {reason}; choose another path", 1)
+        return _fail(args, as_json, f"{reason}{f' ({name})' if name else ''}", 1)
     except Exception as exc:  # a bug: still one line, the traceback with -vv
         if getattr(args, "verbose", 0) >= 2:
             log.exception("internal error")
         return _fail(args, as_json, f"internal error ({type(exc).__name__}: {exc}); run with -vv for the traceback "
                      "and please report it", 1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
     if as_json:
         print(json.dumps({"command": args.command, "ok": True, **outcome.data}, default=_jsonable))
     else:
         print(outcome.text)
     return 0
+
+
+def _verbs(parser: argparse.ArgumentParser) -> list[str]:
+    return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
+
+
+_SHAPE_FLAGS = ("--shapes", "--input-shapes")
+_SHAPE_VALUE = re.compile(r"^[^-\s].*:[\[\]\d\sxX,;]+$")
+
+
+def _split_shape_values(argv: list[str]) -> list[str]:
+    """``--shapes a:1x8 model.onnx`` would read the model as a shape (nargs='+'): pass each value that looks like a
+    shape as its own ``--shapes=VALUE`` so the first one that does not (the model) stays a positional argument."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        if a in _SHAPE_FLAGS and i + 1 < len(argv):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            while i < len(argv) and _SHAPE_VALUE.match(argv[i]):
+                out.append(f"{a}={argv[i]}")
+                i += 1
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def _fail(args: argparse.Namespace, as_json: bool, message: str, code: int) -> int:

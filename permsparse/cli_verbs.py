@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,9 +27,32 @@ def _shape_specs(args: argparse.Namespace) -> dict:
 
 
 
+def check_folder(path: Path | None, flag: str) -> None:
+    """Refuse, before any work, a folder option that cannot be created: a file in the way, or no write permission
+    (nothing is created here)."""
+    import os
+
+    from permsparse.errors import UsageError
+
+    if path is None:
+        return
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise UsageError(f"{flag} {p}: {candidate} is a file, not a folder; choose another {flag}")
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {p}: cannot write in {candidate}; choose another {flag}")
+            return
+
+
 def _cmd_optimize(args: argparse.Namespace) -> Outcome:
     from permsparse.api import optimize
     from permsparse.config import OptimizeConfig
+
+    check_folder(args.report, "--report")
+    check_folder(args.work_dir, "--work-dir")
+    log.info("optimize %s -> %s: loading libraries ...", args.model, args.output)
 
     learned = None
     if args.learn_window or args.learn_iters:
@@ -37,34 +64,24 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
         if args.learn_iters:
             kw["iterations"] = args.learn_iters
         learned = LearnedConfig(**kw)
-    options: dict[str, Any] = {}
-    recipe_perms = None
-    if args.recipe is not None:
-        from permsparse.recipe import read_recipe
-
-        doc = read_recipe(args.recipe)
-        options = {k: v for k, v in doc["options"].items() if k in ("method", "policy", "pattern", "importance",
-                                                                    "prune_head", "exclude", "seed")}
-        options["exclude"] = tuple(options.get("exclude") or ())
-        recipe_perms = doc["units"]
     given = {k: getattr(args, k) for k in ("method", "policy", "pattern", "importance", "objective", "reconstruct",
                                            "sequential", "finetune_epochs", "finetune_lr", "block_steps", "teacher", "damp",
                                            "calib", "calib_samples", "calib_seq_len", "tokenizer", "seed",
                                            "budget_s", "workers", "rtol", "check", "cluster", "work_dir") if getattr(args, k) is not None}
-    options.update(given)
-    cfg = OptimizeConfig(
-        **options,
-        mask=not args.no_mask,
-        prune_head=args.prune_head or options.get("prune_head"),
-        exclude=tuple(args.exclude) or options.get("exclude"),
+    cfg = OptimizeConfig(  # None = not given: the default, or the recipe's value when replaying
+        **given,
+        mask=False if args.no_mask else None,
+        prune_head=True if args.prune_head else None,
+        exclude=tuple(args.exclude) or None,
         shapes=_shape_specs(args) or None,
         learned=learned,
-        recipe_perms=recipe_perms,
         evaluate=args.report is not None,
         progress=not args.quiet,
     )
-    cfg.resolved()  # bad options fail here, before any work
-    result = optimize(args.model, args.output, cfg)  # unresolved: defaults may adapt to the model, given options not
+    if args.recipe is None:
+        cfg.resolved()  # bad options fail here, before any work
+    # unresolved: defaults may adapt to the model, given options not; a recipe is checked and merged by the API
+    result = optimize(args.model, args.output, cfg, recipe=args.recipe)
     cfg = result.config
     from permsparse.report import quality_lines
     from permsparse.summary import optimize_summary
@@ -85,7 +102,15 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
     if args.report:
         from permsparse.report import write_report
 
-        path = write_report(result, args.report)
+        try:
+            path = write_report(result, args.report)
+        except KeyboardInterrupt:
+            from permsparse.errors import Interrupted
+            from permsparse.recipe import recipe_path
+
+            raise Interrupted(f"interrupted while writing the report: {args.output} and "
+                              f"{recipe_path(args.output).name} were written (complete and checked); the report "
+                              "may be incomplete") from None
         lines.append(f"report: {path}")
         data["report"] = str(path)
     lines.append(f"wrote {args.output} ({'dense, permuted' if args.no_mask else f'{cfg.pattern} sparse'}) "
@@ -99,7 +124,7 @@ def _cmd_inspect(args: argparse.Namespace) -> Outcome:
     from permsparse.summary import inspect_table
 
     result = inspect(args.model, InspectConfig(pattern=args.pattern, shapes=_shape_specs(args) or None))
-    return Outcome(inspect_table(result), result.to_dict())
+    return Outcome(inspect_table(result, verbose=getattr(args, "verbose", 0) > 0), result.to_dict())
 
 
 def _cmd_build(args: argparse.Namespace) -> Outcome:
@@ -147,6 +172,7 @@ def _cmd_export(args: argparse.Namespace) -> Outcome:
     from permsparse.models.export import summarize_onnx
 
     start = time.perf_counter()
+    log.info("export %s (%s exporter): building the model and tracing it to ONNX ...", args.model, args.exporter)
     path = export(args.model, args.output, ExportConfig(exporter=args.exporter, size=args.size, seed=args.seed,
                                                         hf_dir=args.hf_dir, dtype=args.dtype))
     elapsed = time.perf_counter() - start

@@ -29,3 +29,21 @@ class Interrupted(PermsparseError):
     """SIGINT/SIGTERM arrived: work stopped, temporary files removed, no partial output left."""
 
     exit_code = 130
+
+
+def os_reason(exc: OSError, path: object = None) -> str:
+    """Why an OS call on ``path`` (default: the error's filename) failed, in words that say what to change.
+
+    "File exists" / "Not a directory" from creating a folder mean that a file sits where a folder is needed: name
+    that file instead of repeating the OS's words.
+    """
+    import errno
+    from pathlib import Path
+
+    target = path if path is not None else getattr(exc, "filename", None)
+    if target is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        p = Path(str(target))
+        for candidate in (p, *p.parents):
+            if candidate.exists() and not candidate.is_dir():
+                return f"{candidate} is a file, not a folder"
+    return exc.strerror or str(exc)

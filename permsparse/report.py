@@ -1,10 +1,14 @@
 """Quality report for ``permsparse optimize --report DIR``: Markdown plus matplotlib plots — a view of the result.
 
-It shows what the run measured (it computes nothing new and never re-runs the pipeline):
+It shows what the run measured (it computes nothing new and never re-runs the pipeline), each figure on the measure
+its step optimized (:func:`permsparse.summary.measure_lines`, shared with the CLI):
 
-- per weight, the share of importance kept by N:M masking with the identity order vs the learned order;
-- per permutation unit, the efficacy: the share of the gap between plain N:M and the unstructured bound (each column
+- per permutation unit, the importance kept by N:M with the original vs the learned order (the score the permutation
+  maximizes) and the efficacy: the share of the gap between plain N:M and the unstructured bound (each column
   keeping its best n/m of rows anywhere) that the permutation recovers;
+- per weight (per-weight runs), the share of importance kept, plain vs permuted; per block (block-wise runs, where
+  SparseGPT and tuning rewrite the kept weights, so kept |W| is no objective), the block's output error after
+  reconstruction and after tuning — what those steps reduce;
 - model level (when the run evaluated it, :mod:`permsparse.evaluate`), the drift of plain N:M and of the result from
   the dense input on held-out inputs: output cosine, mean-pooled sentence cosine (encoders), perplexity (decoders).
 """
@@ -18,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from permsparse.errors import PermsparseError
-from permsparse.summary import DEFINITIONS, unit_label
+from permsparse.summary import DEFINITIONS, measure_lines, reconstructed, unit_label
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +32,44 @@ def weight_retention(result) -> list[tuple[str, float, float]]:
     return [(result.plan.weights[st.weight].label, st.kept_share_identity, st.kept_share) for st in result.masks]
 
 
-def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> list[str]:
+def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(retention)), 3.6))
-    x = np.arange(len(retention))
-    ax.bar(x - 0.2, [r[1] for r in retention], 0.4, label="plain N:M")
-    ax.bar(x + 0.2, [r[2] for r in retention], 0.4, label="permuted")
-    values = [v for r in retention for v in r[1:]]
-    ax.set_ylim(max(0.0, min(values) - 0.02), min(1.0, max(values) + 0.02))
-    ax.set_xlabel("weight (graph order)")
-    ax.set_ylabel("importance kept by N:M")
-    ax.legend()
-    ax.set_title("Retained importance per weight")
-    fig.tight_layout()
-    fig.savefig(out_dir / "retained.png", dpi=120)
-    plt.close(fig)
-    files.append("retained.png")
+    files: dict[str, str] = {}
+    if reconstructed(result):
+        reps = result.block_reports
+        fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(reps)), 3.6))
+        x = np.arange(len(reps))
+        ax.bar(x - 0.2, [b.err_pruned for b in reps], 0.4,
+               label="after SparseGPT" if result.config.reconstruct == "sparsegpt" else "after masking")
+        ax.bar(x + 0.2, [b.err_final for b in reps], 0.4, label="final (after tuning, if any)")
+        ax.set_xticks(x, [str(b.index) for b in reps])
+        ax.set_xlabel("block")
+        ax.set_ylabel("relative output error")
+        ax.legend()
+        ax.set_title("Block output error on calibration data (lower is better)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "blocks.png", dpi=120)
+        plt.close(fig)
+        files["blocks"] = "blocks.png"
+    else:
+        fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(retention)), 3.6))
+        x = np.arange(len(retention))
+        ax.bar(x - 0.2, [r[1] for r in retention], 0.4, label="plain N:M")
+        ax.bar(x + 0.2, [r[2] for r in retention], 0.4, label="permuted")
+        values = [v for r in retention for v in r[1:]]
+        ax.set_ylim(max(0.0, min(values) - 0.02), min(1.0, max(values) + 0.02))
+        ax.set_xlabel("weight (graph order)")
+        ax.set_ylabel("importance kept by N:M")
+        ax.legend()
+        ax.set_title("Retained importance per weight")
+        fig.tight_layout()
+        fig.savefig(out_dir / "retained.png", dpi=120)
+        plt.close(fig)
+        files["retained"] = "retained.png"
     reps = result.unit_reports
     if reps:
         fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(reps)), 3.2))
@@ -60,7 +81,7 @@ def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> 
         fig.tight_layout()
         fig.savefig(out_dir / "efficacy.png", dpi=120)
         plt.close(fig)
-        files.append("efficacy.png")
+        files["efficacy"] = "efficacy.png"
     return files
 
 
@@ -100,20 +121,18 @@ def write_report(result, report_dir: str | Path) -> Path:
     if not retention:
         raise PermsparseError("--report needs masks: it compares plain and permuted N:M (drop --no-mask)")
     plots = _plots(result, out_dir, retention)
-    ident = np.mean([r[1] for r in retention])
-    perm = np.mean([r[2] for r in retention])
     eff = [r.efficacy for r in result.unit_reports]
     lines = [
         f"# permsparse report: {result.output.name if result.output else 'model'}",
         "",
         f"method `{cfg.method}`, importance `{cfg.importance}`, policy `{cfg.policy}`, pattern {cfg.pattern}, "
-        f"seed {cfg.seed}",
+        f"reconstruction `{cfg.reconstruct}`, seed {cfg.seed}",
         "",
         "## Summary",
         "",
         f"- weights pruned: {len(result.selected)} of {len(result.plan.weights)}; permutation units: "
         f"{len(result.unit_reports)}; Gathers added: {len(result.fold.gathers)}",
-        f"- mean importance kept by {cfg.pattern}: plain {ident:.4f} -> permuted {perm:.4f}",
+        *(f"- {line}" for line in measure_lines(result)),
         f"- mean efficacy over units: {np.mean(eff):.3f}" if eff else "- no permutation units",
         f"- fold check ({result.equivalence.method}): max relative error {result.equivalence.max_rel_error:.2e} "
         f"(tolerance {result.equivalence.rtol:g})",
@@ -122,14 +141,28 @@ def write_report(result, report_dir: str | Path) -> Path:
         *(f"_{d}_" for d in DEFINITIONS),
         "",
     ]
+    if reconstructed(result):
+        lines.append("_The weights were rebuilt block by block (SparseGPT's update of the kept weights"
+                     + (", then tuning" if cfg.finetune_epochs else "") + "), so how much of a weight's dense |W| or "
+                     "importance sits at the kept positions is not what the run optimized and is not reported: the "
+                     "permutations are judged on the score they maximize (per unit, below), the reconstruction on "
+                     "each block's output error, and the model on held-out data._")
+        lines.append("")
     if result.quality:
         lines += ["## Model-level drift from the dense input (held-out inputs)", "", *quality_lines(result), ""]
-    lines += ["## Retained importance per weight", "", f"![retained]({plots[0]})", ""]
-    lines += ["| weight | plain | permuted |", "|---|---|---|"]
-    lines += [f"| `{n}` | {a:.4f} | {b:.4f} |" for n, a, b in retention]
-    lines.append("")
-    if len(plots) > 1:
-        lines += ["## Efficacy per permutation unit", "", f"![efficacy]({plots[1]})", ""]
+    if "blocks" in plots:
+        first = "after SparseGPT" if cfg.reconstruct == "sparsegpt" else "after masking"
+        lines += ["## Output error per block (calibration data)", "", f"![blocks]({plots['blocks']})", ""]
+        lines += [f"| block | weights | {first} | final |", "|---|---|---|---|"]
+        lines += [f"| {b.index} | {b.weights} | {b.err_pruned:.4g} | {b.err_final:.4g} |" for b in result.block_reports]
+        lines.append("")
+    else:
+        lines += ["## Retained importance per weight", "", f"![retained]({plots['retained']})", ""]
+        lines += ["| weight | plain | permuted |", "|---|---|---|"]
+        lines += [f"| `{n}` | {a:.4f} | {b:.4f} |" for n, a, b in retention]
+        lines.append("")
+    if "efficacy" in plots:
+        lines += ["## Permutation units: importance kept and efficacy", "", f"![efficacy]({plots['efficacy']})", ""]
         lines += ["| unit | weights | K | block | plain | permuted | bound | efficacy | s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in result.unit_reports:

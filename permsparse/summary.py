@@ -9,12 +9,62 @@ import numpy as np
 
 #: One sentence each, printed under the optimize table.
 DEFINITIONS = (
-    "kept: share of a weight's importance that survives N:M masking (1.0 = nothing lost); "
+    "kept: share of a unit's importance scores that survives N:M masking (1.0 = nothing lost), on the score its "
+    "permutation maximizes (the --importance, or SparseGPT's OBS saliency w²/[H⁻¹]ₖₖ² when reconstructing); "
     "'plain' is with the original channel order, 'perm' after the learned permutation.",
     "bound: what each output column would keep if it could drop its least important half anywhere "
     "(unstructured 50%), the most any permutation can reach.",
     "efficacy: share of the gap between plain N:M and the bound that the permutation closes (0 = none, 1 = all).",
 )
+
+
+def reconstructed(result) -> bool:
+    """True when the weights were rebuilt block by block (SparseGPT and/or tuning): the kept values are no longer the
+    dense ones, so the share of a weight's importance at the kept positions is not what the run optimized."""
+    return bool(getattr(result, "block_reports", None))
+
+
+def unit_means(result) -> tuple[float, float] | None:
+    """(plain, permuted) importance kept, mean over units weighted by their weights: the permutations' objective."""
+    reps = result.unit_reports
+    if not reps:
+        return None
+    n = np.array([len(r.unit.weights) for r in reps], dtype=np.float64)
+    return (float(np.average([r.retained_identity for r in reps], weights=n)),
+            float(np.average([r.retained for r in reps], weights=n)))
+
+
+def measure_lines(result) -> list[str]:
+    """The run's quality figures, each on the measure the step optimized (one source for the CLI and the report).
+
+    Per-weight runs: importance kept per weight, plain N:M vs the permuted order (the same scores the permutations
+    maximize). Block-wise runs: the permutations' objective per unit, then each block's output error, which is what
+    reconstruction and tuning minimize; the rewritten weights' |W| at the kept positions is not an objective there.
+    """
+    pattern = result.plan.pattern
+    out = []
+    means = unit_means(result)
+    if not reconstructed(result):
+        if result.masks:
+            ident = float(np.mean([st.kept_share_identity for st in result.masks]))
+            perm = float(np.mean([st.kept_share for st in result.masks]))
+            out.append(f"importance kept per weight (mean of the {result.config.importance} scores the permutations "
+                       f"maximize): plain {pattern} {ident:.4f} -> permuted {perm:.4f}")
+        return out
+    if means is not None:
+        out.append(f"permutation objective, importance kept (mean over {len(result.unit_reports)} units): "
+                   f"plain {pattern} {means[0]:.4f} -> permuted {means[1]:.4f}")
+    reps = result.block_reports
+    pruned = float(np.mean([b.err_pruned for b in reps]))
+    final = float(np.mean([b.err_final for b in reps]))
+    cfg = result.config
+    first = "SparseGPT" if cfg.reconstruct == "sparsegpt" else "masking"
+    ep = cfg.finetune_epochs
+    tuned = f" -> {final:.4g} after {ep} epoch{'s' if ep != 1 else ''} of tuning" if ep else ""
+    target = "the dense model's block output" if cfg.teacher == "dense" else "the dense block on the pruned input"
+    out.append(f"block output error ||y - y_target||²/||y_target||² against {target}, on calibration data (what "
+               f"reconstruction and tuning reduce; mean over {len(reps)} blocks): {pruned:.4g} after {first}{tuned}")
+    return out
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -61,10 +111,7 @@ def optimize_summary(result) -> str:
         first = plan.weights[c.siblings[0]].label if c.siblings else f"#{cid}"
         out.append(f"closure #{cid} ({first}): no permutation ({why})")
     n_valid = sum(result.nm_valid.get(w, False) for w in result.selected)
-    if result.masks:
-        ident = float(np.mean([st.kept_share_identity for st in result.masks]))
-        perm = float(np.mean([st.kept_share for st in result.masks]))
-        out.append(f"importance kept per weight (mean): plain {pattern} {ident:.4f} -> permuted {perm:.4f}")
+    out.extend(measure_lines(result))
     foldable = sum(c.foldable for c in plan.closures)
     out.append(
         f"weights: {len(plan.weights)} found, {len(result.selected)} pruned"
@@ -80,22 +127,36 @@ def optimize_summary(result) -> str:
     return "\n".join(out)
 
 
-def inspect_table(result) -> str:
-    """The inspect listing: one row per weight, then totals."""
+def inspect_table(result, verbose: bool = False) -> str:
+    """The inspect listing: one row per weight, then totals. The fold column is never cut: a long status names its
+    first blocked boundary and the count of the others; ``verbose`` adds each weight's constant and the reason it is
+    not prunable, and a listing of the closures with every boundary."""
     pattern = result.pattern
-    rows = [
-        [
-            r["layer"], "x".join(map(str, r["shape"])), r["dtype"], r["k_axis"], r["closure"],
-            r["fold"] if len(r["fold"]) < 60 else r["fold"][:57] + "...",
+    rows = []
+    for r in result.weights:
+        row = [
+            r["layer"], "x".join(map(str, r["shape"])), r["dtype"], r["k_axis"],
+            "-" if r["closure"] is None else r["closure"], r["fold"],
             "yes" if r["nm_valid"] else "no", f"{r['density']:.3f}",
             "-" if r["kept_abs_by_nm"] is None else f"{r['kept_abs_by_nm']:.4f}",
         ]
-        for r in result.weights
-    ]
+        if verbose:
+            row += [r["constant"], "yes" if r["prunable"] else f"no: {r['reason'] or '-'}"]
+        rows.append(row)
+    headers = ["weight", "shape", "dtype", "K axis", "closure", "fold", str(pattern), "density",
+               f"|W| kept by {pattern}"]
+    if verbose:
+        headers += ["constant", "prunable"]
     d = result.to_dict()["summary"]
-    return "\n".join([
-        table(["weight", "shape", "dtype", "K axis", "closure", "fold", str(pattern), "density",
-               f"|W| kept by {pattern}"], rows),
+    out = [
+        table(headers, rows),
         f"{d['weights']} weights, {d['nm_valid']} valid {pattern}; {d['closures']} closures, "
         f"{d['fold_for_free']} fold for free",
-    ])
+    ]
+    if verbose and result.closures:
+        crow = [[c["id"], c["k"], "free" if c["block"] == c["k"] else c["block"], len(c["siblings"]),
+                 len(c["members"]), "yes" if c["foldable"] else "no",
+                 "; ".join(c["boundaries"]) if c["boundaries"] else c["status"]] for c in result.closures]
+        out += ["", "closures:", table(["closure", "K", "block", "siblings", "members", "folds free",
+                                        "blocked boundaries (or status)"], crow)]
+    return "\n".join(out)

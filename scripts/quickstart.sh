@@ -10,4 +10,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 permsparse export minilm -o "$OUT/minilm.onnx" --exporter dynamo
 permsparse optimize "$OUT/minilm.onnx" -o "$OUT/minilm.sparse.onnx" --report "$OUT/report" "$@"
-permsparse inspect "$OUT/minilm.sparse.onnx" | tail -n 3
+permsparse inspect "$OUT/minilm.sparse.onnx" > "$OUT/inspect.txt"
+head -n 2 "$OUT/inspect.txt"            # the header and its rule
+echo "..."
+tail -n 3 "$OUT/inspect.txt"            # the last weights and the totals
+echo "(every weight: $OUT/inspect.txt; the report: $OUT/report/report.md)"

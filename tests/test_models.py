@@ -254,6 +254,5 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "llama", "-o", str(out), "--exporter", "legacy", "--seed", "3"]) == 0
     line = capsys.readouterr().out.strip()
     assert out.is_file() and "\n" not in line and "15 MatMul weights" in line, line
-    with pytest.raises(SystemExit) as bad:
-        main(["export", "llama", "-o", str(tmp_path / "x.onnx"), "--exporter", "jit"])
-    assert bad.value.code == 2 and not (tmp_path / "x.onnx").exists()
+    code = main(["export", "llama", "-o", str(tmp_path / "x.onnx"), "--exporter", "jit"])  # a one-line usage error
+    assert code == 2 and not (tmp_path / "x.onnx").exists()

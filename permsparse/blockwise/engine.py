@@ -147,7 +147,7 @@ class Engine:
                 report = self.block(block, state, result)
                 report.seconds = time.perf_counter() - t0
                 result.block_reports.append(report)
-                bar.set_postfix_str(f"err {report.err_final:.3g}")
+                bar.set_postfix_str(f"block output error {report.err_final:.3g}")
                 bar.update(1)
         finally:
             bar.close()

@@ -73,7 +73,10 @@ def check_output(dst: str | os.PathLike[str], input_files: set[Path] | frozenset
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise PermsparseError(f"cannot write to {out.parent} ({exc.strerror or exc}); choose a writable -o") from None
+        from permsparse.errors import os_reason
+
+        raise PermsparseError(f"cannot write to {out.parent} ({os_reason(exc, out.parent)}); choose a writable -o") \
+            from None
     return out
 
 

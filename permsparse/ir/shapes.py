@@ -35,8 +35,8 @@ def _parse_dims(text: str, where: str) -> tuple[int, ...]:
         raise UsageError(
             f"shape of {where}: '{text}' is not a shape; write 4x128 (trtexec) or [4,128] (Polygraphy)"
         ) from None
-    if not dims or any(d < 0 for d in dims):
-        raise UsageError(f"shape of {where}: '{text}' must be non-negative integers")
+    if not dims or any(d < 1 for d in dims):
+        raise UsageError(f"shape of {where}: '{text}' must be positive integers (an axis of size 0 holds no data)")
     return dims
 
 
