@@ -1,12 +1,17 @@
 """Blocks pass: cut the graph into Transformer blocks at residual-stream tensors (read-only).
 
 The residual stream is the closure that feeds the most sibling groups (embeddings, every norm, every residual Add).
-*Stream* tensors are the descendants of its first tensor (except through ``Shape`` of the first tensor itself, whose
-value the prefix computes: legacy exports build the attention mask from it). A stream tensor ``t`` is a *cut* if, right after the node
-that writes it (in topological order), ``t`` is the only stream tensor still to be read: everything after depends on
-the stream only through ``t``. Tensors that stream nodes read but that do not descend from the stream (attention
-masks, RoPE tables, positions) are *side* tensors: they depend on the graph inputs alone, so they are the same for the
-dense and the pruned model and are computed once per batch.
+Its tensors that depend on a graph input are the *candidates* (tensors computed from constants alone, e.g. the
+``Identity`` of a norm weight the legacy exporter writes, are not part of the stream). *Stream* tensors are the value
+descendants of the first candidate: a node that reads a stream tensor only for its shape, size or element type
+(``Shape``, ``Size``, ``CastLike``'s second input, ``EyeLike``; see :data:`SHAPE_TYPE_READS`) does not make its
+outputs stream tensors, and that read does not keep the tensor live — exports build attention masks and RoPE tables
+"like" the hidden state this way. A candidate ``t`` is a *cut* if, right after the node that writes it (in
+topological order), ``t`` is the only stream tensor still to be read: everything after depends on the stream's values
+only through ``t`` (:meth:`StreamSweep.live_after` names what keeps a candidate from being one). Tensors that stream
+nodes read but that are not stream tensors (attention masks, RoPE tables, positions, shapes) are *side* tensors: they
+do not depend on any stream value, so they are the same for the dense and the pruned model and are computed once per
+batch (by the prefix program, which may read the shape of a later stream tensor).
 
 Invariant: block ``l`` (between cuts ``t_l`` and ``t_{l+1}``) is a function of ``t_l`` and side tensors only, so
 running the blocks one after another from ``t_0`` reproduces ``t_L`` exactly, and a block can be run with changed
@@ -32,6 +37,7 @@ class Block:
     input: str  # the cut tensor entering the block
     output: str  # the cut tensor leaving it (or a graph output for the last block)
     weights: tuple[str, ...]  # prunable weights (MatMul/Gemm node names) inside, in graph order
+    attention: bool = False  # holds a MatMul of two activations (attention): it starts a layer
 
 
 @dataclass
@@ -52,6 +58,18 @@ class BlockPlan:
             pieces.append(("suffix", list(dict.fromkeys([last, *self.side, *graph_inputs])), list(outputs)))
         return pieces
 
+    def layers(self) -> list[list[int]]:
+        """Blocks grouped into Transformer layers: a layer starts at a block holding attention and takes the blocks
+        after it that hold none (the MLP half of a pre-norm layer); blocks before the first attention are their own
+        layers. A model of L Transformer layers has L layers here."""
+        out: list[list[int]] = []
+        for b in self.blocks:
+            if b.attention or not out:
+                out.append([b.index])
+            else:
+                out[-1].append(b.index)
+        return out
+
     def block_of(self, weight: str) -> int | None:
         for b in self.blocks:
             if weight in b.weights:
@@ -68,31 +86,83 @@ def _stream_closure(plan: Plan) -> list[str]:
     return [] if best is None else best.tensors
 
 
-def partition(graph: gs.Graph, plan: Plan) -> BlockPlan | None:
-    """The blocks of ``graph`` (``None`` when no cut is found: the model is then one block)."""
+#: (op, input index) pairs that read only the shape or the element type of a tensor, never its values.
+SHAPE_TYPE_READS = frozenset({("Shape", 0), ("Size", 0), ("CastLike", 1), ("EyeLike", 0)})
+
+
+def value_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """The inputs whose *values* ``node`` reads (not those it reads only for their shape or element type)."""
+    return [t for i, t in enumerate(node.inputs) if t.name and (node.op, i) not in SHAPE_TYPE_READS]
+
+
+def input_dependent(graph: gs.Graph) -> set[str]:
+    """Tensors whose value or shape depends on a graph input (the rest are constants, e.g. ``Identity`` of a
+    parameter, which the legacy exporter emits for norm weights)."""
+    dep = {t.name for t in graph.inputs}
+    for n in graph.nodes:
+        if any(t.name in dep for t in n.inputs):
+            dep.update(o.name for o in n.outputs)
+    return dep
+
+
+def stream_tensors(nodes: list[gs.Node], first: str, start: int) -> tuple[set[str], set[int]]:
+    """Descendants of ``first`` by value (a node that reads stream tensors only for their shape or type computes a
+    side tensor), and the indices of the nodes that compute them."""
+    stream: set[str] = {first}
+    stream_nodes: set[int] = set()
+    for i in range(start + 1, len(nodes)):
+        n = nodes[i]
+        if any(t.name in stream for t in value_inputs(n)):
+            stream_nodes.add(i)
+            stream.update(o.name for o in n.outputs)
+    return stream, stream_nodes
+
+
+@dataclass
+class StreamSweep:
+    """What the partition sees: the stream, each candidate cut, and what else is live right after each."""
+
+    nodes: list[gs.Node]
+    producer: dict[str, int]
+    first: str
+    stream: set[str]
+    stream_nodes: set[int]
+    last_use: dict[str, int]
+    candidates: list[str]  # stream-closure tensors in graph order (first included)
+    cuts: list[str]
+
+    def live_after(self, t: str) -> list[tuple[str, str]]:
+        """``(tensor, last reader)`` of the stream tensors other than ``t`` still to be read right after ``t`` is
+        written: why ``t`` is not a cut."""
+        p = self.producer[t]
+        out = []
+        for s in sorted(self.stream, key=lambda x: self.producer.get(x, -1)):
+            q = self.producer.get(s, -1)
+            u = self.last_use.get(s, q)
+            if s != t and q <= p < u:
+                reader = self.nodes[u].name if u < len(self.nodes) else "graph output"
+                out.append((s, reader))
+        return out
+
+
+def sweep(graph: gs.Graph, plan: Plan) -> StreamSweep | None:
+    """The stream and its cuts (see the module docstring); ``None`` when the stream closure has no activation."""
     graph.toposort()
     nodes = list(graph.nodes)
     producer: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for o in n.outputs:
             producer[o.name] = i
-    candidates = [t for t in _stream_closure(plan) if t in producer]
+    dynamic = input_dependent(graph)
+    candidates = [t for t in _stream_closure(plan) if t in producer and t in dynamic]
     if not candidates:
         return None
-    first = min(candidates, key=lambda t: producer[t])
-    # stream tensors: descendants of ``first``
-    stream: set[str] = {first}
-    stream_nodes: set[int] = set()
-    for i in range(producer[first] + 1, len(nodes)):
-        n = nodes[i]
-        if n.op in ("Shape", "Size") and n.inputs and n.inputs[0].name == first:
-            continue  # the first tensor's shape is known to the prefix: its descendants are side tensors
-        if any(t.name in stream for t in n.inputs):
-            stream_nodes.add(i)
-            stream.update(o.name for o in n.outputs)
+    candidates.sort(key=lambda t: producer[t])
+    first = candidates[0]
+    stream, stream_nodes = stream_tensors(nodes, first, producer[first])
     last_use: dict[str, int] = {}
     for i, n in enumerate(nodes):
-        for t in n.inputs:
+        for t in value_inputs(n):
             if t.name in stream:
                 last_use[t.name] = i
     graph_outputs = {t.name for t in graph.outputs}
@@ -111,9 +181,23 @@ def partition(graph: gs.Graph, plan: Plan) -> BlockPlan | None:
     for i in range(len(nodes) + 1):
         run += delta[i]
         live.append(run)  # live[i]: tensors produced before i that are read at or after i
-    cand = set(candidates)
-    cuts = [first] + [t for t in sorted(cand - {first}, key=lambda t: producer[t])
-                      if live[producer[t] + 1] == 1 and last_use.get(t, -1) > producer[t]]
+    cuts = [first] + [t for t in candidates[1:] if live[producer[t] + 1] == 1 and last_use.get(t, -1) > producer[t]]
+    return StreamSweep(nodes, producer, first, stream, stream_nodes, last_use, candidates, cuts)
+
+
+def _is_attention(node: gs.Node) -> bool:
+    """A MatMul of two activations (scores ``Q @ Kᵀ`` or ``probs @ V``)."""
+    return node.op == "MatMul" and all(not isinstance(t, gs.Constant) and not (len(t.inputs) == 1
+                                       and t.inputs[0].op == "Constant") for t in node.inputs[:2])
+
+
+def partition(graph: gs.Graph, plan: Plan) -> BlockPlan | None:
+    """The blocks of ``graph`` (``None`` when no cut is found: the model is then one block)."""
+    sw = sweep(graph, plan)
+    if sw is None:
+        return None
+    nodes, producer, cuts, stream, stream_nodes = sw.nodes, sw.producer, sw.cuts, sw.stream, sw.stream_nodes
+    first = sw.first
     weight_node = {w.name: i for i, n in enumerate(nodes) for w in [plan.weights.get(n.name)] if w is not None}
     bounds = [producer[t] for t in cuts] + [len(nodes)]
     blocks: list[Block] = []
@@ -125,7 +209,9 @@ def partition(graph: gs.Graph, plan: Plan) -> BlockPlan | None:
         if not inside:
             continue  # merge this segment into the next block (its input cut stays the earlier one)
         output = cuts[k + 1] if k + 1 < len(cuts) else _last_output(graph, stream)
-        blocks.append(Block(len(blocks), cuts[start_cut], output, inside))
+        lo0 = bounds[start_cut]
+        attention = any(_is_attention(nodes[i]) for i in stream_nodes if lo0 < i <= hi)
+        blocks.append(Block(len(blocks), cuts[start_cut], output, inside, attention))
         start_cut = k + 1
     if not blocks:
         return None
