@@ -2,16 +2,18 @@
 
 The residual stream is the closure that feeds the most sibling groups (embeddings, every norm, every residual Add).
 Its tensors that depend on a graph input are the *candidates* (tensors computed from constants alone, e.g. the
-``Identity`` of a norm weight the legacy exporter writes, are not part of the stream). *Stream* tensors are the value
-descendants of the first candidate: a node that reads a stream tensor only for its shape, size or element type
-(``Shape``, ``Size``, ``CastLike``'s second input, ``EyeLike``; see :data:`SHAPE_TYPE_READS`) does not make its
-outputs stream tensors, and that read does not keep the tensor live — exports build attention masks and RoPE tables
-"like" the hidden state this way. A candidate ``t`` is a *cut* if, right after the node that writes it (in
-topological order), ``t`` is the only stream tensor still to be read: everything after depends on the stream's values
-only through ``t`` (:meth:`StreamSweep.live_after` names what keeps a candidate from being one). Tensors that stream
-nodes read but that are not stream tensors (attention masks, RoPE tables, positions, shapes) are *side* tensors: they
-do not depend on any stream value, so they are the same for the dense and the pruned model and are computed once per
-batch (by the prefix program, which may read the shape of a later stream tensor).
+``Identity`` of a norm weight the legacy exporter writes, are not part of the stream: taking one as the first stream
+tensor left HF legacy exports with no block at all). *Stream* tensors are the descendants of the first candidate,
+except through nodes that read stream tensors only for their shape, size or element type (``Shape``, ``Size``,
+``CastLike``'s second input, ``EyeLike``; :data:`SHAPE_TYPE_READS`) and only tensors computed from the first one
+without any weight (scaled embeddings, position Adds): their values the prefix computes cheaply. Exports build the
+attention masks and RoPE tables "like" the embeddings this way; counting such a read as a use of the stream kept
+the embeddings live through every layer (Gemma, CLIP text and GPT-2 legacy exports had 1-2 blocks). A candidate ``t`` is a *cut* if, right after the node that
+writes it (in topological order), ``t`` is the only stream tensor still to be read: everything after depends on the
+stream only through ``t`` (:meth:`StreamSweep.live_after` names what keeps a candidate from being one, and whether it
+is read only for its shape). Tensors that stream nodes read but that do not descend from the stream (attention masks,
+RoPE tables, positions) are *side* tensors: they depend on the graph inputs alone, so they are the same for the
+dense and the pruned model and are computed once per batch.
 
 Invariant: block ``l`` (between cuts ``t_l`` and ``t_{l+1}``) is a function of ``t_l`` and side tensors only, so
 running the blocks one after another from ``t_0`` reproduces ``t_L`` exactly, and a block can be run with changed
@@ -105,16 +107,30 @@ def input_dependent(graph: gs.Graph) -> set[str]:
     return dep
 
 
-def stream_tensors(nodes: list[gs.Node], first: str, start: int) -> tuple[set[str], set[int]]:
-    """Descendants of ``first`` by value (a node that reads stream tensors only for their shape or type computes a
-    side tensor), and the indices of the nodes that compute them."""
+def stream_tensors(nodes: list[gs.Node], first: str, start: int, weight_nodes: set[str]) -> tuple[set[str], set[int]]:
+    """Descendants of ``first`` and the indices of the nodes that compute them.
+
+    A node that reads stream tensors only for their shape, size or element type, and only tensors computed from
+    ``first`` without any weight (the embeddings after scaling, position Adds, LayerNorm of the embeddings),
+    computes a side tensor: the prefix computes it cheaply (the attention masks and RoPE tables exports build "like"
+    the embeddings). Any other read of a stream tensor, shape reads of later tensors included, makes the node part
+    of the stream, so every block computes its own shapes."""
     stream: set[str] = {first}
+    weightless: set[str] = {first}  # stream tensors computed from ``first`` without a weight
     stream_nodes: set[int] = set()
     for i in range(start + 1, len(nodes)):
         n = nodes[i]
-        if any(t.name in stream for t in value_inputs(n)):
-            stream_nodes.add(i)
-            stream.update(o.name for o in n.outputs)
+        reads = [t.name for t in n.inputs if t.name in stream]
+        if not reads:
+            continue
+        values = [t.name for t in value_inputs(n) if t.name in stream]
+        if not values and all(r in weightless for r in reads):
+            continue  # a shape/type read of a tensor the prefix computes: a side tensor
+        stream_nodes.add(i)
+        outs = [o.name for o in n.outputs]
+        stream.update(outs)
+        if n.name not in weight_nodes and all(r in weightless for r in reads):
+            weightless.update(outs)
     return stream, stream_nodes
 
 
@@ -131,17 +147,22 @@ class StreamSweep:
     candidates: list[str]  # stream-closure tensors in graph order (first included)
     cuts: list[str]
 
-    def live_after(self, t: str) -> list[tuple[str, str]]:
-        """``(tensor, last reader)`` of the stream tensors other than ``t`` still to be read right after ``t`` is
-        written: why ``t`` is not a cut."""
+    def live_after(self, t: str) -> list[tuple[str, str, bool]]:
+        """``(tensor, last reader, shape_only)`` of the stream tensors other than ``t`` still to be read right after
+        ``t`` is written: why ``t`` is not a cut. ``shape_only``: that reader reads the tensor only for its shape,
+        size or element type (a mask or table built "like" the hidden state)."""
         p = self.producer[t]
         out = []
         for s in sorted(self.stream, key=lambda x: self.producer.get(x, -1)):
             q = self.producer.get(s, -1)
             u = self.last_use.get(s, q)
             if s != t and q <= p < u:
-                reader = self.nodes[u].name if u < len(self.nodes) else "graph output"
-                out.append((s, reader))
+                if u >= len(self.nodes):
+                    out.append((s, "graph output", False))
+                    continue
+                reader = self.nodes[u]
+                shape_only = not any(x.name == s for x in value_inputs(reader))
+                out.append((s, reader.name, shape_only))
         return out
 
 
@@ -159,10 +180,10 @@ def sweep(graph: gs.Graph, plan: Plan) -> StreamSweep | None:
         return None
     candidates.sort(key=lambda t: producer[t])
     first = candidates[0]
-    stream, stream_nodes = stream_tensors(nodes, first, producer[first])
+    stream, stream_nodes = stream_tensors(nodes, first, producer[first], set(plan.weights))
     last_use: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        for t in value_inputs(n):
+    for i in sorted(stream_nodes):
+        for t in nodes[i].inputs:
             if t.name in stream:
                 last_use[t.name] = i
     graph_outputs = {t.name for t in graph.outputs}
