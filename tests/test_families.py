@@ -179,3 +179,36 @@ def test_family_ops_one_by_one_match_onnxruntime(family_model, name, exporter):
             else:
                 np.testing.assert_array_equal(out, ref, err_msg=f"{node.op_type} {node.name}")
     assert len(seen) >= 10
+
+
+def test_defaults_fall_back_when_a_block_holds_an_op_torch_lacks(family_model, tmp_path, caplog):
+    """A block with an op the torch evaluator lacks (here an identity ``Shrink`` after the first MLP activation):
+    the defaults do not stop; they warn, naming the op, and take the per-weight path (onnxruntime calibration)."""
+    import logging
+
+    from onnx import helper
+
+    from permsparse.config import OptimizeConfig
+    from permsparse.pipeline import optimize
+    from permsparse.torchgraph import unsupported_ops
+
+    src = family_model("llama", "legacy")
+    model = onnx.load(str(src))
+    nodes = list(model.graph.node)
+    i, act = next((i, n) for i, n in enumerate(nodes) if n.op_type == "Sigmoid")  # SiLU = x * sigmoid(x)
+    old = act.output[0]
+    act.output[0] = old + "_pre_shrink"
+    nodes.insert(i + 1, helper.make_node("Shrink", [act.output[0]], [old], name="shrink_identity", lambd=0.0,
+                                         bias=0.0))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    path = tmp_path / "llama_shrink.onnx"
+    onnx.save(model, str(path))
+    assert unsupported_ops(path) == {"Shrink"}
+    with caplog.at_level(logging.WARNING):
+        r = optimize(path, tmp_path / "sparse.onnx", OptimizeConfig(progress=False, workers=1, calib_samples=4,
+                                                                    calib_seq_len=16))
+    assert any("Shrink" in rec.getMessage() for rec in caplog.records)
+    assert r.block_reports == []  # the per-weight path
+    assert r.equivalence.max_rel_error <= 1e-4
+    assert all(r.nm_valid.values()) and len(r.nm_valid) == len(r.plan.prunable)

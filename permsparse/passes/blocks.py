@@ -4,11 +4,13 @@ The residual stream is the closure that feeds the most sibling groups (embedding
 Its tensors that depend on a graph input are the *candidates* (tensors computed from constants alone, e.g. the
 ``Identity`` of a norm weight the legacy exporter writes, are not part of the stream: taking one as the first stream
 tensor left HF legacy exports with no block at all). *Stream* tensors are the descendants of the first candidate,
-except through nodes that read stream tensors only for their shape, size or element type (``Shape``, ``Size``,
-``CastLike``'s second input, ``EyeLike``; :data:`SHAPE_TYPE_READS`) and only tensors computed from the first one
-without any weight (scaled embeddings, position Adds): their values the prefix computes cheaply. Exports build the
-attention masks and RoPE tables "like" the embeddings this way; counting such a read as a use of the stream kept
-the embeddings live through every layer (Gemma, CLIP text and GPT-2 legacy exports had 1-2 blocks). A candidate ``t`` is a *cut* if, right after the node that
+except through nodes that read it only for its shape, size or element type (``Shape``, ``Size``, ``CastLike``'s
+second input, ``EyeLike``; :data:`SHAPE_TYPE_READS`). Exports also build the attention masks and RoPE tables "like"
+the *scaled* or position-added embeddings (Gemma, CLIP text, GPT-2 legacy exports): counting such a shape read as a
+use of the stream keeps the embeddings live through every layer (1-2 blocks for the whole model). So each node that
+reads only shapes or types of stream tensors computed without any weight (:func:`shape_readers`) is tried as a side
+reader: the stream then starts at the first cut after what it reads (the prefix computes those tensors cheaply), and
+the exemption is kept when it gives more blocks (:func:`sweep`). A candidate ``t`` is a *cut* if, right after the node that
 writes it (in topological order), ``t`` is the only stream tensor still to be read: everything after depends on the
 stream only through ``t`` (:meth:`StreamSweep.live_after` names what keeps a candidate from being one, and whether it
 is read only for its shape). Tensors that stream nodes read but that do not descend from the stream (attention masks,
@@ -107,31 +109,45 @@ def input_dependent(graph: gs.Graph) -> set[str]:
     return dep
 
 
-def stream_tensors(nodes: list[gs.Node], first: str, start: int, weight_nodes: set[str]) -> tuple[set[str], set[int]]:
-    """Descendants of ``first`` and the indices of the nodes that compute them.
-
-    A node that reads stream tensors only for their shape, size or element type, and only tensors computed from
-    ``first`` without any weight (the embeddings after scaling, position Adds, LayerNorm of the embeddings),
-    computes a side tensor: the prefix computes it cheaply (the attention masks and RoPE tables exports build "like"
-    the embeddings). Any other read of a stream tensor, shape reads of later tensors included, makes the node part
-    of the stream, so every block computes its own shapes."""
+def stream_tensors(nodes: list[gs.Node], first: str, start: int, exempt: set[int] = frozenset()  # type: ignore[assignment]
+                   ) -> tuple[set[str], set[int]]:
+    """Descendants of ``first`` and the indices of the nodes that compute them. Left out of the stream: nodes that
+    read ``first`` only for its shape, size or type, and the ``exempt`` nodes (see :func:`sweep`)."""
     stream: set[str] = {first}
-    weightless: set[str] = {first}  # stream tensors computed from ``first`` without a weight
     stream_nodes: set[int] = set()
+    for i in range(start + 1, len(nodes)):
+        n = nodes[i]
+        reads = [t.name for t in n.inputs if t.name in stream]
+        if not reads or i in exempt:
+            continue
+        if set(reads) == {first} and not any(t.name == first for t in value_inputs(n)):
+            continue
+        stream_nodes.add(i)
+        stream.update(o.name for o in n.outputs)
+    return stream, stream_nodes
+
+
+def shape_readers(nodes: list[gs.Node], first: str, start: int, weight_nodes: set[str]) -> list[int]:
+    """Nodes that read stream tensors only for their shape, size or type, all of them computed from ``first``
+    without any weight (scaled embeddings, position Adds): what masks and RoPE tables built "like" the embeddings
+    read. Their outputs can be side tensors the prefix computes."""
+    stream: set[str] = {first}
+    weightless: set[str] = {first}
+    out = []
     for i in range(start + 1, len(nodes)):
         n = nodes[i]
         reads = [t.name for t in n.inputs if t.name in stream]
         if not reads:
             continue
-        values = [t.name for t in value_inputs(n) if t.name in stream]
-        if not values and all(r in weightless for r in reads):
-            continue  # a shape/type read of a tensor the prefix computes: a side tensor
-        stream_nodes.add(i)
+        if not any(t.name in stream for t in value_inputs(n)) and all(r in weightless for r in reads):
+            if set(reads) != {first}:
+                out.append(i)
+            continue
         outs = [o.name for o in n.outputs]
         stream.update(outs)
         if n.name not in weight_nodes and all(r in weightless for r in reads):
             weightless.update(outs)
-    return stream, stream_nodes
+    return out
 
 
 @dataclass
@@ -179,8 +195,44 @@ def sweep(graph: gs.Graph, plan: Plan) -> StreamSweep | None:
     if not candidates:
         return None
     candidates.sort(key=lambda t: producer[t])
+    best = _sweep_from(graph, plan, nodes, producer, candidates, set())
+    # Shape/type reads of the weightless head of the stream (the embeddings): exempt each one that gives more blocks
+    # (the stream then starts after what it reads, so the prefix computes it and no weight is left before the start).
+    exempt: set[int] = set()
+    for i in shape_readers(nodes, best.first, producer[best.first], set(plan.weights)):
+        trial = _sweep_from(graph, plan, nodes, producer, candidates, exempt | {i})
+        if trial is not None and _n_blocks(trial, plan) > _n_blocks(best, plan):
+            best, exempt = trial, exempt | {i}
+    return best
+
+
+def _n_blocks(sw: StreamSweep, plan: Plan) -> int:
+    """Blocks the cuts give (segments holding a prunable weight); 0 when a prunable weight comes before the start."""
+    pos = {n.name: i for i, n in enumerate(sw.nodes)}
+    bounds = [sw.producer[t] for t in sw.cuts] + [len(sw.nodes)]
+    idx = sorted(pos[w] for w in plan.prunable if w in pos)
+    if idx and idx[0] < bounds[0]:
+        return 0
+    return sum(1 for lo, hi in zip(bounds, bounds[1:]) if any(lo < i <= hi for i in idx))
+
+
+def _sweep_from(graph: gs.Graph, plan: Plan, nodes: list[gs.Node], producer: dict[str, int], candidates: list[str],
+                exempt: set[int]) -> StreamSweep | None:
     first = candidates[0]
-    stream, stream_nodes = stream_tensors(nodes, first, producer[first], set(plan.weights))
+    if exempt:  # start after every tensor an exempt node reads, so the prefix computes it
+        last = max(producer.get(t.name, -1) for i in exempt for t in nodes[i].inputs)
+        stream, stream_nodes = stream_tensors(nodes, first, producer[first], exempt)
+        sw = _cuts(graph, nodes, producer, candidates, first, stream, stream_nodes)
+        first = next((t for t in sw.cuts if producer[t] >= last), None)
+        if first is None:
+            return None
+        candidates = [t for t in candidates if producer[t] >= producer[first]]
+    stream, stream_nodes = stream_tensors(nodes, first, producer[first], exempt)
+    return _cuts(graph, nodes, producer, candidates, first, stream, stream_nodes)
+
+
+def _cuts(graph: gs.Graph, nodes: list[gs.Node], producer: dict[str, int], candidates: list[str], first: str,
+          stream: set[str], stream_nodes: set[int]) -> StreamSweep:
     last_use: dict[str, int] = {}
     for i in sorted(stream_nodes):
         for t in nodes[i].inputs:
