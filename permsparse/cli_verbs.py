@@ -99,7 +99,7 @@ def _cmd_inspect(args: argparse.Namespace) -> Outcome:
     from permsparse.summary import inspect_table
 
     result = inspect(args.model, InspectConfig(pattern=args.pattern, shapes=_shape_specs(args) or None))
-    return Outcome(inspect_table(result), result.to_dict())
+    return Outcome(inspect_table(result) + "\n" + result.explanation(), result.to_dict())
 
 
 def _cmd_build(args: argparse.Namespace) -> Outcome:

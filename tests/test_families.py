@@ -212,3 +212,40 @@ def test_defaults_fall_back_when_a_block_holds_an_op_torch_lacks(family_model, t
     assert r.block_reports == []  # the per-weight path
     assert r.equivalence.max_rel_error <= 1e-4
     assert all(r.nm_valid.values()) and len(r.nm_valid) == len(r.plan.prunable)
+
+
+def test_inspect_explains_blocks_and_warns_when_the_stream_is_kept_live(family_model, tmp_path):
+    """``inspect`` reports blocks, layers, closures and what optimize would do; a model whose embeddings are read
+    again at the end (so no cut exists after them) gets a warning naming that tensor."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from permsparse.inspection import inspect_model
+
+    src = family_model("gemma3", "legacy")
+    st = inspect_model(src).structure
+    assert st["blocks"]["count"] == 2 * LAYERS and st["blocks"]["layers"] == LAYERS == st["repeated_layers"]
+    assert st["warnings"] == [] and st["torch_unsupported_ops"] == []
+    assert st["optimize"]["path"].startswith("block-wise") and st["optimize"]["identity_under_fold"] == 0
+
+    model = onnx.load(str(src))
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and "embed" in n.input[0])
+    emb = gather.output[0]
+    last_norm = [n for n in model.graph.node if n.op_type == "Pow"][-1]  # the final RMSNorm's x^2
+    x = last_norm.input[0]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero_scale"))
+    extra = [helper.make_node("Mul", [emb, "zero_scale"], ["emb_zero"], name="emb_zero"),
+             helper.make_node("Add", [x, "emb_zero"], ["x_plus"], name="late_read")]
+    for n in model.graph.node:
+        for i, t in enumerate(n.input):
+            if t == x and n.name != "late_read":
+                n.input[i] = "x_plus"
+    idx = list(model.graph.node).index(last_norm)
+    for k, n in enumerate(extra):
+        model.graph.node.insert(idx + k, n)
+    path = tmp_path / "late.onnx"
+    onnx.save(model, str(path))
+    res = inspect_model(path)
+    warn = res.structure["warnings"]
+    assert warn and "emb_zero" in warn[0] and "late_read" in warn[0], warn  # the tensor computed from the embeddings
+    assert "warning:" in res.explanation() and "not cut at" in res.explanation()
