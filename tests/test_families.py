@@ -249,3 +249,16 @@ def test_inspect_explains_blocks_and_warns_when_the_stream_is_kept_live(family_m
     warn = res.structure["warnings"]
     assert warn and "emb_zero" in warn[0] and "late_read" in warn[0], warn  # the tensor computed from the embeddings
     assert "warning:" in res.explanation() and "not cut at" in res.explanation()
+
+
+def test_gemma3_eighteen_layers_one_layer_per_block_pair(tmp_path):
+    """The reported case: a Gemma-3-style legacy export of 18 layers gave 2 blocks (the mask and RoPE tables are
+    built from the shape of the *scaled* embeddings, which kept them live to the end). Now: 36 blocks in 18 layers,
+    the stream starting at the scaled embeddings, no weight outside a block."""
+    from permsparse.models.families import build_family
+
+    path = build_family("gemma3", "legacy", tmp_path / "gemma3-18.onnx", layers=18)
+    _, graph, plan, bp = _analyzed(path)
+    assert len(bp.blocks) == 36 and len(bp.layers()) == 18 and bp.outside == []
+    first_node = next(n for n in graph.nodes if any(o.name == bp.first for o in n.outputs))
+    assert first_node.op == "Mul"  # embeddings * sqrt(hidden)
