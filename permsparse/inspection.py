@@ -98,7 +98,11 @@ def inspect_model(path: str | os.PathLike[str], config: InspectConfig | None = N
     ]
     if not weights:
         raise PermsparseError(f"{src}: no MatMul/Gemm reads a constant 2-D weight; nothing to inspect")
-    body = analyze(graph, pr, pattern=pattern, prune_head=False, scopes=node_scopes(model))
+    # what optimize analyzes: the same closures, heads kept dense
+    from permsparse.passes.analysis import Plan
+
+    body = Plan({k: replace(w, prunable=False, reason=w.reason or "head") if w.head else w
+                 for k, w in plan.weights.items()}, plan.closures, plan.weight_closure, plan.pattern)
     return InspectResult(src, pattern, weights, closures, explain_structure(graph, body))
 
 
