@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-              vocab_size=262144, max_position_embeddings=1024, sliding_window=512, query_pre_attn_scalar=256,
-              tie_word_embeddings=True)
+CONFIG = {"hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1,
+          "head_dim": 256, "vocab_size": 262144, "max_position_embeddings": 1024, "sliding_window": 512,
+          "query_pre_attn_scalar": 256, "tie_word_embeddings": True}
 
 
 def _export(path: Path, layers: int) -> None:

@@ -167,8 +167,8 @@ def explain_structure(graph: Any, plan: Any) -> dict[str, Any]:
     fold_units = plan_units(plan, "fold")
     blockwise = bp is not None and not missing
     out["optimize"] = {
-        "path": "block-wise (calibration, permutations, SparseGPT block by block)" if blockwise else
-                "per-weight (onnxruntime calibration, no reconstruction)",
+        "path": ("block-wise (calibration, permutations, SparseGPT block by block)" if blockwise else
+                 "per-weight (onnxruntime calibration, no reconstruction)"),
         "prunable": len(plan.prunable), "dense": len(plan.weights) - len(plan.prunable),
         "units_local": len(units.units), "gathers_local": units.gathers_planned,
         "units_fold": len(fold_units.units), "identity_under_fold": len(fold_units.identity),
@@ -186,8 +186,9 @@ def explain_text(st: dict[str, Any]) -> str:
     if not st:
         return ""
     b, o = st["blocks"], st["optimize"]
-    lines = [f"blocks: {b['count']} in {b['layers']} layers ({b['cuts']} cuts of the residual stream; "
-             f"{st['repeated_layers']} repeated attention layers); side inputs: {len(b['side'])}"]
+    head = (f"blocks: {b['count']} in {b['layers']} layers ({b['cuts']} cuts of the residual stream; "
+            f"{st['repeated_layers']} repeated attention layers); side inputs: {len(b['side'])}")
+    lines = [head]
     for nc in b["not_cut"][:3] if st["warnings"] else []:
         held = ", ".join(f"{h['tensor']} (read by {h['reader']}{', shape only' if h['shape_only'] else ''})"
                          for h in nc["kept_live_by"])

@@ -258,7 +258,7 @@ def test_gemma3_eighteen_layers_one_layer_per_block_pair(tmp_path):
     from permsparse.models.families import build_family
 
     path = build_family("gemma3", "legacy", tmp_path / "gemma3-18.onnx", layers=18)
-    _, graph, plan, bp = _analyzed(path)
+    _, graph, _, bp = _analyzed(path)
     assert len(bp.blocks) == 36 and len(bp.layers()) == 18 and bp.outside == []
     first_node = next(n for n in graph.nodes if any(o.name == bp.first for o in n.outputs))
     assert first_node.op == "Mul"  # embeddings * sqrt(hidden)

@@ -25,6 +25,7 @@ weight (segments without one are merged into the next).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -213,7 +214,7 @@ def _n_blocks(sw: StreamSweep, plan: Plan) -> int:
     idx = sorted(pos[w] for w in plan.prunable if w in pos)
     if idx and idx[0] < bounds[0]:
         return 0
-    return sum(1 for lo, hi in zip(bounds, bounds[1:]) if any(lo < i <= hi for i in idx))
+    return sum(1 for lo, hi in itertools.pairwise(bounds) if any(lo < i <= hi for i in idx))
 
 
 def _sweep_from(graph: gs.Graph, plan: Plan, nodes: list[gs.Node], producer: dict[str, int], candidates: list[str],

@@ -271,7 +271,7 @@ def _resize(node: Node) -> OpFunction:
             sc = [float(s) for s in scales.tolist()]
             if sc[0] != 1.0 or sc[1] != 1.0:
                 raise node.fail("Resize of the batch or channel axis is not supported by the torch evaluator")
-            size = [x.shape[0], x.shape[1], *[int(math.floor(d * s)) for d, s in zip(x.shape[2:], sc[2:])]]
+            size = [x.shape[0], x.shape[1], *[math.floor(d * s) for d, s in zip(x.shape[2:], sc[2:])]]
         else:
             raise node.fail("Resize needs scales or sizes")
         if size[:2] != list(x.shape[:2]):
