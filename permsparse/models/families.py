@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 #: hidden size, heads, KV heads, intermediate size, vocabulary, sequence length of the example inputs
 HIDDEN, HEADS, KV_HEADS, INTER, VOCAB, SEQ = 64, 4, 2, 128, 512, 16
 IMAGE, PATCH = 32, 8
+#: text encoders take BERT's vocabulary size, so the built-in calibration tokenizer (all-MiniLM-L6-v2's) fits them
+ENCODER_VOCAB = 30522
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def _decoder(layers: int, **extra: Any) -> dict[str, Any]:
 
 
 def _bert(layers: int, **extra: Any) -> dict[str, Any]:
-    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
+    return dict(vocab_size=ENCODER_VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
                 num_attention_heads=HEADS, max_position_embeddings=128, **extra)
 
 
@@ -87,12 +89,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("roberta", "RobertaConfig", "RobertaModel", "encoder", lambda n: _bert(n, pad_token_id=1),
            "post-norm encoder, padding-offset positions"),
     Family("distilbert", "DistilBertConfig", "DistilBertModel", "encoder",
-           lambda n: {"vocab_size": VOCAB, "dim": HIDDEN, "hidden_dim": INTER, "n_layers": n, "n_heads": HEADS,
+           lambda n: {"vocab_size": ENCODER_VOCAB, "dim": HIDDEN, "hidden_dim": INTER, "n_layers": n, "n_heads": HEADS,
                           "max_position_embeddings": 128}, "post-norm encoder without token types"),
     Family("vit", "ViTConfig", "ViTModel", "vision", lambda n: _vit(n), "pre-norm vision encoder, CLS token"),
     Family("deit", "DeiTConfig", "DeiTModel", "vision", lambda n: _vit(n), "ViT with a distillation token"),
     Family("clip-text", "CLIPTextConfig", "CLIPTextModel", "encoder",
-           lambda n: {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": n,
+           lambda n: {"vocab_size": ENCODER_VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": n,
                           "num_attention_heads": HEADS, "max_position_embeddings": SEQ * 2}, "causal text tower, quick GELU"),
     Family("clip-vision", "CLIPVisionConfig", "CLIPVisionModel", "vision",
            lambda n: _vit(n), "pre-norm vision tower with a pre-LayerNorm"),
