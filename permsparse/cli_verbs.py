@@ -124,7 +124,8 @@ def _cmd_inspect(args: argparse.Namespace) -> Outcome:
     from permsparse.summary import inspect_table
 
     result = inspect(args.model, InspectConfig(pattern=args.pattern, shapes=_shape_specs(args) or None))
-    return Outcome(inspect_table(result, verbose=getattr(args, "verbose", 0) > 0), result.to_dict())
+    table = inspect_table(result, verbose=getattr(args, "verbose", 0) > 0)
+    return Outcome(table + "\n" + result.explanation(), result.to_dict())
 
 
 def _cmd_build(args: argparse.Namespace) -> Outcome:

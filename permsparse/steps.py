@@ -244,14 +244,19 @@ def use_blockwise(run: Run, given: OptimizeConfig) -> bool:
     """Whether this run goes block by block. A block-wise option the user gave on a model without Transformer blocks
     is an error (in :func:`blockwise`); the defaults (reconstruction) fall back to per-weight learning with a warning."""
     from permsparse.passes.blocks import partition
+    from permsparse.torchgraph import unsupported_ops
 
     if not run.cfg.blockwise:
         return False
     run.blocks = partition(run.graph, run.plan)
     asked = any(getattr(given, k) is not None for k in _CALIBRATION_OPTIONS[1:5])
-    if run.blocks is None and not asked:
-        log.warning("no Transformer blocks found (no residual-stream tensor cuts the graph): weights are masked "
-                    "without reconstruction (the default --reconstruct sparsegpt needs blocks)")
+    # blocks run in PyTorch: the defaults fall back to the per-weight path where it lacks an op
+    missing = sorted(unsupported_ops(run.graph)) if run.blocks is not None and not asked else []
+    if (run.blocks is None or missing) and not asked:
+        log.warning("%s: weights are masked without reconstruction (the default --reconstruct sparsegpt needs blocks "
+                    "run in PyTorch)", f"the torch evaluator lacks op(s) {', '.join(missing)}" if missing else
+                    "no Transformer blocks found (no residual-stream tensor cuts the graph)")
+        run.blocks = None
         run.cfg = replace(run.cfg, reconstruct="none", sequential=False, finetune_epochs=0)
         return run.cfg.blockwise
     return True

@@ -224,3 +224,101 @@ def test_keep_mask_equals_a_stable_sort(n, m, dtype):
         keep = nm_keep_mask(x, n, m)
         np.testing.assert_array_equal(keep, by_sort(x))
         assert (keep.reshape(-1, m, x.shape[1]).sum(axis=1) == n).all()
+
+
+# ------------------------------------------------------------------------------------------- the rules table, rule by rule
+
+_RNG = np.random.default_rng(3)
+
+
+def _c(name: str, arr) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.asarray(arr), name)
+
+
+def _rule_model(body: list, extra_inits: list, b_name: str, k2: int, extra_inputs=()) -> onnx.ModelProto:
+    """X[2,4,16] @ W1[16,16] = A; ``body`` computes ``b_name`` from A; Y = B @ W2[k2, 8]."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["A"], name="mm1"), *body,
+             helper.make_node("MatMul", [b_name, "W2"], ["Y"], name="mm2")]
+    inits = [_c("W1", _RNG.standard_normal((16, 16)).astype(np.float32)),
+             _c("W2", _RNG.standard_normal((k2, 8)).astype(np.float32)), *extra_inits]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 4, 16]), *extra_inputs]
+    graph = helper.make_graph(nodes, "rule", inputs, [helper.make_empty_tensor_value_info("Y")],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _n(op, ins, outs, **attrs):
+    from onnx import helper
+
+    return helper.make_node(op, ins, outs, name=f"{op}_{outs[0]}", **attrs)
+
+
+_F = np.float32
+RULE_CASES = [
+    # id, body, extra initializers, tensor read by W2, W2's K, expected free, a word of the boundary reason
+    ("unary", [_n("Relu", ["A"], ["B"])], [], "B", 16, True, None),
+    ("bias-add", [_n("Add", ["A", "bias"], ["B"])], [_c("bias", _RNG.standard_normal(16).astype(_F))], "B", 16, True,
+     None),
+    ("scalar-mul", [_n("Mul", ["A", "s"], ["B"])], [_c("s", np.array(0.5, _F))], "B", 16, True, None),
+    ("two-activations-swiglu", [_n("Sigmoid", ["A"], ["S"]), _n("Mul", ["A", "S"], ["B"])], [], "B", 16, True, None),
+    ("layernorm", [_n("LayerNormalization", ["A", "g", "b"], ["B"])],
+     [_c("g", _RNG.standard_normal(16).astype(_F)), _c("b", _RNG.standard_normal(16).astype(_F))], "B", 16, True, None),
+    ("softmax-last-axis", [_n("Softmax", ["A"], ["B"], axis=-1)], [], "B", 16, True, None),
+    ("reduce-over-channels", [_n("ReduceMean", ["A", "ax"], ["M"]), _n("Sub", ["A", "M"], ["B"])],
+     [_c("ax", np.array([-1], np.int64))], "B", 16, True, None),
+    ("head-reshape", [_n("Reshape", ["A", "s4"], ["H"]), _n("Relu", ["H"], ["H2"]), _n("Reshape", ["H2", "s3"], ["B"])],
+     [_c("s4", np.array([2, 4, 4, 4], np.int64)), _c("s3", np.array([2, 4, 16], np.int64))], "B", 16, True, None),
+    ("transpose-keeps-channels", [_n("Transpose", ["A"], ["T"], perm=[1, 0, 2]),
+                                  _n("Transpose", ["T"], ["B"], perm=[1, 0, 2])], [], "B", 16, True, None),
+    ("concat-other-axis", [_n("Concat", ["A", "A"], ["B"], axis=1)], [], "B", 16, True, None),
+    ("slice-other-axis", [_n("Slice", ["A", "st", "en", "ax"], ["B"])],
+     [_c("st", np.array([1], np.int64)), _c("en", np.array([3], np.int64)), _c("ax", np.array([1], np.int64))],
+     "B", 16, True, None),
+    ("gather-other-axis", [_n("Gather", ["A", "idx"], ["B"], axis=1)], [_c("idx", np.array([3, 0], np.int64))],
+     "B", 16, True, None),
+    ("split-other-axis", [_n("Split", ["A", "sp"], ["B", "B2"], axis=1)], [_c("sp", np.array([1, 3], np.int64))],
+     "B", 16, True, None),
+    ("shape-read-is-neutral", [_n("Relu", ["A"], ["R"]), _n("Shape", ["A"], ["S"]), _n("Reshape", ["R", "S"], ["B"])],
+     [], "B", 16, True, None),
+    ("slice-channel-axis", [_n("Slice", ["A", "st", "en", "ax"], ["B"])],
+     [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64))],
+     "B", 8, False, "Slice along the channel axis"),
+    ("fused-projection-split", [_n("Split", ["A", "sp"], ["B", "B2"], axis=-1)], [_c("sp", np.array([8, 8], np.int64))],
+     "B", 8, False, "Split along the channel axis"),
+    ("gather-channel-axis", [_n("Gather", ["A", "idx"], ["B"], axis=-1)],
+     [_c("idx", np.arange(16)[::-1].copy().astype(np.int64))], "B", 16, False, "Gather along the channel axis"),
+    ("broadcast-along-channels", [_n("Add", ["A", "col"], ["B"])], [_c("col", _RNG.standard_normal((4, 1)).astype(_F))],
+     "B", 16, True, None),
+    ("unknown-op-blocks", [_n("Hardmax", ["A"], ["B"], axis=-1)], [], "B", 16, False, "not known to commute"),
+]
+
+
+@pytest.mark.parametrize(("body", "inits", "b_name", "k2", "free", "why"), [c[1:] for c in RULE_CASES],
+                         ids=[c[0] for c in RULE_CASES])
+def test_rule_by_rule(tmp_path, body, inits, b_name, k2, free, why):
+    """Each rule of the rules table on a two-MatMul graph: W2's input closure folds for free (it reaches W1's
+    columns through the op) or is blocked with the rule's reason; a random permutation of every free unit, folded,
+    leaves the function unchanged; the fused weight W1's rows (its input) always get one permutation for all parts."""
+    model = onnx.shape_inference.infer_shapes(_rule_model(body, inits, b_name, k2))
+    path = tmp_path / "rule.onnx"
+    onnx.save(model, str(path))
+    model, graph, plan = _plan(path)
+    w2 = next(w for w in plan.weights.values() if w.const == "W2")
+    c = plan.closure_of(w2.name)
+    assert c.foldable == free, c.describe()
+    if free:
+        assert any(mb.const == "W1" and mb.role == "cols" for mb in c.members)
+    else:
+        assert why in c.describe()
+    w1 = next(w for w in plan.weights.values() if w.const == "W1")
+    assert plan.closure_of(w1.name).problem is None
+    units = plan_units(plan, "fold")
+    rng = np.random.default_rng(0)
+    perms = {u.name: np.concatenate([rng.permutation(u.block) + i * u.block for i in range(u.k // u.block)])
+             for u in units.units}
+    apply_fold(graph, plan, units.units, perms)
+    out = gs.export_onnx(graph)
+    eq = check_equivalent(model, out, [random_feeds(model, resolve_shapes(model), seed=1)], rtol=RTOL)
+    assert eq.ok, eq

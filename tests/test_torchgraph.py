@@ -544,3 +544,53 @@ def test_smollm2_real_whole_model(tmp_path, exporter: str) -> None:
     errors = _block_check(path, feeds, FP32_TOL)
     assert len(errors) == 30
     print(f"SmolLM2 {exporter}: 30 blocks, max rel err {max(errors):.2e}")
+
+
+# ------------------------------------------------------------------------------------------------------ Resize
+
+RESIZE_CASES = [
+    # id, attributes, input shape, scales or None, sizes or None
+    ("cubic-pytorch-half-pixel-sizes", {"mode": "cubic", "coordinate_transformation_mode": "pytorch_half_pixel"},
+     (1, 8, 7, 7), None, [1, 8, 14, 14]),  # a ViT export interpolating its position embeddings
+    ("cubic-half-pixel-down", {"mode": "cubic"}, (2, 3, 9, 6), None, [2, 3, 5, 4]),
+    ("cubic-align-corners", {"mode": "cubic", "coordinate_transformation_mode": "align_corners"}, (1, 2, 4, 5),
+     [1.0, 1.0, 2.0, 1.5], None),
+    ("linear-half-pixel-scales", {"mode": "linear"}, (1, 3, 4, 4), [1.0, 1.0, 2.0, 2.0], None),
+    ("linear-1d", {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, (2, 3, 5), None, [2, 3, 9]),
+    ("nearest-asymmetric-floor", {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                  "nearest_mode": "floor"}, (1, 2, 3, 3), [1.0, 1.0, 2.0, 3.0], None),
+]
+
+
+@pytest.mark.parametrize(("attrs", "shape", "scales", "sizes"), [c[1:] for c in RESIZE_CASES],
+                         ids=[c[0] for c in RESIZE_CASES])
+def test_resize_matches_onnxruntime(attrs: dict, shape: tuple, scales, sizes) -> None:
+    from permsparse.torchgraph import unsupported_ops
+
+    inits = []
+    ins = ["x", ""]
+    if scales is not None:
+        inits.append(numpy_helper.from_array(np.array(scales, F), "scales"))
+        ins.append("scales")
+    else:
+        inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+        ins += ["", "sizes"]
+    node = helper.make_node("Resize", ins, ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_empty_tensor_value_info("y")], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = _arr(shape)
+    ref = _session(model).run(None, {"x": x})[0]
+    got = GraphProgram.from_model(model).run({"x": x})["y"].numpy()
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert unsupported_ops(model) == set()
+
+
+def test_unsupported_ops_names_what_the_evaluator_lacks() -> None:
+    from permsparse.torchgraph import unsupported_ops
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Det", ["a"], ["b"]),
+             helper.make_node("Resize", ["x", "", "s"], ["c"], mode="linear", antialias=1),
+             helper.make_node("Loop", ["n", "c"], ["d"]), helper.make_node("Constant", [], ["k"], value_float=1.0)]
+    assert unsupported_ops(nodes) == {"Det", "Resize", "Loop"}

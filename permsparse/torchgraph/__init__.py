@@ -15,8 +15,8 @@ Invariant: a program's outputs equal onnxruntime's for the same graph and feeds 
 op modules state the semantics they implement); ops outside the table raise a clear error instead of guessing.
 """
 
-from permsparse.torchgraph.ops import OPS, supported_ops
+from permsparse.torchgraph.ops import OPS, supported_ops, unsupported_ops
 from permsparse.torchgraph.program import GraphProgram, ProgramConfig
 from permsparse.torchgraph.subgraph import ModelIndex, block_inputs
 
-__all__ = ["OPS", "GraphProgram", "ModelIndex", "ProgramConfig", "block_inputs", "supported_ops"]
+__all__ = ["OPS", "GraphProgram", "ModelIndex", "ProgramConfig", "block_inputs", "supported_ops", "unsupported_ops"]

@@ -11,6 +11,7 @@ partial implementation (unsupported attribute values raise at resolve time, not 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import onnx
 import torch
@@ -29,12 +30,47 @@ from permsparse.torchgraph.registry import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OPS", "resolve", "supported_ops"]
+__all__ = ["OPS", "resolve", "supported_ops", "unsupported_ops"]
 
 
 def supported_ops() -> list[str]:
     """The ONNX op types the evaluator implements (``Constant`` is read as a constant, not run)."""
     return sorted([*OPS, "Constant"])
+
+
+def unsupported_ops(model_or_nodes: Any) -> set[str]:
+    """The op types among ``model_or_nodes`` the evaluator cannot run (control flow, ops outside the table, other
+    domains). Accepts an ``onnx.ModelProto``, a path to one, an ``onnx_graphsurgeon`` graph, or an iterable of
+    ``onnx.NodeProto`` / graphsurgeon nodes. Resize/Upsample nodes count as supported only in the forms
+    :func:`resolve` accepts (their attributes are checked)."""
+    import os
+
+    if isinstance(model_or_nodes, (str, os.PathLike)):
+        model_or_nodes = onnx.load(str(model_or_nodes), load_external_data=False)
+    if isinstance(model_or_nodes, onnx.ModelProto):
+        model_or_nodes = model_or_nodes.graph.node
+    elif hasattr(model_or_nodes, "nodes") and not isinstance(model_or_nodes, (list, tuple)):
+        model_or_nodes = model_or_nodes.nodes
+    missing: set[str] = set()
+    for n in model_or_nodes:
+        if isinstance(n, onnx.NodeProto):
+            op, domain, attrs = n.op_type, n.domain, None
+        else:  # onnx_graphsurgeon node
+            op, domain, attrs = n.op, getattr(n, "domain", "") or "", n.attrs
+        if op == "Constant" and domain in ("", "ai.onnx"):
+            continue
+        if op in CONTROL_FLOW or domain not in DOMAINS or op not in OPS:
+            missing.add(op if domain in ("", "ai.onnx") else f"{domain}.{op}")
+            continue
+        if op in ("Resize", "Upsample"):
+            if attrs is None:
+                attrs = parse_attributes(n)
+            parsed = Node(op_type=op, name="", attrs=dict(attrs), inputs=(), outputs=(), opset=18)
+            try:
+                OPS[op].build(parsed)
+            except PermsparseError:
+                missing.add(op)
+    return missing
 
 
 def resolve(

@@ -219,3 +219,73 @@ def _global_pool(node: Node) -> OpFunction:
     if node.op_type == "GlobalAveragePool":
         return lambda x: x.mean(tuple(range(2, x.dim())), keepdim=True)
     return lambda x: x.amax(tuple(range(2, x.dim())), keepdim=True)
+
+
+#: (mode, coordinate_transformation_mode) -> (torch interpolate mode, align_corners) for the Resize forms torch
+#: computes exactly as ONNX defines them (cubic: torch's A = -0.75, ONNX's default ``cubic_coeff_a``).
+_RESIZE_MODES = {
+    ("linear", "half_pixel"): ("linear", False),
+    ("linear", "pytorch_half_pixel"): ("linear", False),
+    ("linear", "align_corners"): ("linear", True),
+    ("cubic", "half_pixel"): ("cubic", False),
+    ("cubic", "pytorch_half_pixel"): ("cubic", False),
+    ("cubic", "align_corners"): ("cubic", True),
+    ("nearest", "asymmetric"): ("nearest", None),
+}
+_TORCH_MODES = {("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic",
+                ("nearest", 1): "nearest", ("nearest", 2): "nearest", ("nearest", 3): "nearest"}
+
+
+@register("Resize", "Upsample", shape_inputs=[3])
+def _resize(node: Node) -> OpFunction:
+    """Resize (opset 11+; ``Upsample`` takes scales as input 1) on the spatial axes of an ``[N, C, ...]`` tensor by
+    ``F.interpolate``: linear (half_pixel/pytorch_half_pixel/align_corners), cubic with ``cubic_coeff_a`` -0.75 and
+    ``exclude_outside`` 0, nearest with asymmetric coordinates and ``floor`` rounding; N and C must keep their size.
+    Other forms (antialias, tf_crop_and_resize, other rounding) raise at resolve time."""
+    a = node.attrs
+    mode = a.get("mode", "nearest")
+    ctm = a.get("coordinate_transformation_mode", "half_pixel" if node.op_type == "Resize" else "asymmetric")
+    nearest = a.get("nearest_mode", "round_prefer_floor")
+    unsupported = (
+        (mode, ctm) not in _RESIZE_MODES
+        or (mode == "nearest" and nearest != "floor" and node.op_type == "Resize")
+        or (mode == "cubic" and (abs(float(a.get("cubic_coeff_a", -0.75)) + 0.75) > 1e-9
+                                 or int(a.get("exclude_outside", 0))))
+        or int(a.get("antialias", 0))
+        or a.get("axes") is not None
+        or a.get("keep_aspect_ratio_policy", "stretch") != "stretch"
+    )
+    if unsupported:
+        raise node.fail(f"Resize mode {mode!r} with coordinate_transformation_mode {ctm!r} (nearest_mode "
+                        f"{nearest!r}, attributes {sorted(a)}) is not supported by the torch evaluator")
+    kind, align = _RESIZE_MODES[(mode, ctm)]
+    scale_pos = 1 if node.op_type == "Upsample" else 2
+
+    def resize(x: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+        scales = rest[scale_pos - 1] if len(rest) >= scale_pos else None
+        sizes = rest[2] if len(rest) > 2 else None
+        spatial = x.dim() - 2
+        if sizes is not None and sizes.numel():
+            size = [int(s) for s in sizes.tolist()]
+        elif scales is not None and scales.numel():
+            sc = [float(s) for s in scales.tolist()]
+            if sc[0] != 1.0 or sc[1] != 1.0:
+                raise node.fail("Resize of the batch or channel axis is not supported by the torch evaluator")
+            size = [x.shape[0], x.shape[1], *[math.floor(d * s) for d, s in zip(x.shape[2:], sc[2:])]]
+        else:
+            raise node.fail("Resize needs scales or sizes")
+        if size[:2] != list(x.shape[:2]):
+            raise node.fail("Resize of the batch or channel axis is not supported by the torch evaluator")
+        tmode = _TORCH_MODES.get((kind, spatial))
+        if tmode is None:
+            raise node.fail(f"{mode} Resize of {spatial} spatial axes is not supported by the torch evaluator")
+        out_size = size[2:]
+        if list(x.shape[2:]) == out_size:
+            return x
+        if tmode == "nearest":
+            return F.interpolate(x, size=out_size, mode="nearest")
+        if ctm == "half_pixel" and any(s == 1 for s in out_size):
+            raise node.fail("half_pixel Resize to a length of 1 differs from torch's; not supported")
+        return F.interpolate(x, size=out_size, mode=tmode, align_corners=align)
+
+    return resize

@@ -43,16 +43,25 @@ def chain_nodes(graph: gs.Graph, chains: dict[str, WeightChain]) -> set[int]:
     return found
 
 
-def feeds_graph_output(t: gs.Tensor, graph_outputs: set[str]) -> bool:
-    """True if ``t`` is a graph output, directly or through a bias Add/Identity/Reshape/Cast (a head)."""
+#: ops a head's output may pass through on its way to a graph output (bias, reshapes, casts, soft-capping
+#: ``tanh(x / c) * c``, a final scale): unary ops, or binary ops whose other operand is a constant.
+_HEAD_PASS = frozenset({"Add", "Sub", "Mul", "Div", "Identity", "Reshape", "Cast", "Squeeze", "Flatten", "Tanh",
+                        "Sigmoid", "Softmax", "LogSoftmax", "Unsqueeze"})
+
+
+def feeds_graph_output(t: gs.Tensor, graph_outputs: set[str], depth: int = 6) -> bool:
+    """True if ``t`` is a graph output, directly or through a short chain of ops that read no other activation
+    (a bias Add, reshapes, casts, logit soft-capping): a head."""
     frontier = [t]
-    for _ in range(3):
+    for _ in range(depth):
         nxt = []
         for x in frontier:
             if x.name in graph_outputs:
                 return True
             for c in x.outputs:
-                if c.op in ("Add", "Identity", "Reshape", "Cast", "Squeeze", "Flatten"):
+                others = [i for i in c.inputs if i is not x and i.name and const_of(i) is None
+                          and not (len(i.inputs) == 1 and i.inputs[0].op in ("Constant", "Shape"))]
+                if c.op in _HEAD_PASS and (not others or c.op in ("Reshape", "Unsqueeze", "Squeeze")):
                     nxt.extend(c.outputs)
         frontier = nxt
     return False
