@@ -13,5 +13,5 @@ permsparse optimize "$OUT/minilm.onnx" -o "$OUT/minilm.sparse.onnx" --report "$O
 permsparse inspect "$OUT/minilm.sparse.onnx" > "$OUT/inspect.txt"
 head -n 2 "$OUT/inspect.txt"            # the header and its rule
 echo "..."
-tail -n 3 "$OUT/inspect.txt"            # the last weights and the totals
+tail -n 3 "$OUT/inspect.txt"            # the totals, the blocks found, what optimize did
 echo "(every weight: $OUT/inspect.txt; the report: $OUT/report/report.md)"
