@@ -270,7 +270,7 @@ def blockwise(run: Run) -> None:
             "no Transformer blocks found (no residual-stream tensor cuts the graph), so block-wise calibration "
             "cannot run; use --reconstruct none --objective importance --finetune-epochs 0 --no-sequential"
         )
-    inside, outside = split_units(plan, run.units.units, bp)
+    _, outside = split_units(plan, run.units.units, bp)
     pre: dict[str, np.ndarray] = {}
     if cfg.recipe_perms is not None:
         pre = replay(run.units, cfg)
@@ -282,7 +282,9 @@ def blockwise(run: Run) -> None:
               for w in plan.weights.values()}
     store = WeightStore(run.work / "weights", dtypes)
     feeds = calibration_feeds(run.src, cfg)
-    engine = Engine(run.model, run.base_dir, plan, inside, bp, const_index(run.graph), cfg, store)
+    # every unit: those spanning blocks (global's residual closure) come with their permutations in ``pre``, and the
+    # block's masks must be chosen in their permuted order too, or the fold would scatter them (issue 17, point 0)
+    engine = Engine(run.model, run.base_dir, plan, run.units.units, bp, const_index(run.graph), cfg, store)
     engine.solver = run.solver
     run.blockwise = engine.run(feeds, pre, cfg.progress)
     run.perms = run.blockwise.perms
