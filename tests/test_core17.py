@@ -44,3 +44,86 @@ def test_every_policy_and_reconstruction(exported, tmp_path, name, exporter, pol
     if policy != "fold":  # the permutations are really used (not all identity)
         assert any((p != range(len(p))).any() for p in res.perms.values())
     assert sha256(src) == before
+
+
+# ------------------------------------------------------------------------------------------------ 16-bit models
+
+
+@pytest.fixture(scope="module")
+def hf_dtype(tmp_path_factory):
+    """``hf_dtype(exporter, dtype) -> Path``: a 1-layer HF LLaMA exported by ``permsparse export hf --dtype``."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    root = tmp_path_factory.mktemp("hf16")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                      max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "ckpt")
+    cache = {}
+
+    def get(exporter: str, dtype: str):
+        if (exporter, dtype) not in cache:
+            from permsparse.cli import main
+
+            path = root / f"{exporter}_{dtype}.onnx"
+            assert main(["export", "hf", "--hf-dir", str(root / "ckpt"), "-o", str(path), "--exporter", exporter,
+                         "--dtype", dtype, "-q"]) == 0
+            cache[(exporter, dtype)] = path
+        return cache[(exporter, dtype)]
+
+    return get
+
+
+ONNX_DTYPE = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+              "bfloat16": onnx.TensorProto.BFLOAT16}
+
+
+def _optimize_and_inspect_16bit(path, out, extra, capsys):
+    from permsparse.cli import main
+
+    before = sha256(path)
+    assert main(["inspect", str(path), "-q"]) == 0  # onnxruntime lacks bf16 kernels: the probe runs an fp32 copy
+    assert main(["optimize", str(path), "-o", str(out), "--workers", "1", "-q", *extra]) == 0
+    text = capsys.readouterr().out
+    assert "permuted dense model equals the input" in text and "no prunable weights" not in text
+    assert sha256(path) == before
+    assert main(["inspect", str(out), "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return info
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_16bit_models_optimize_and_inspect(hf_dtype, tmp_path, capsys, exporter, dtype):
+    """bf16 models load, probe, calibrate (on onnxruntime's fp32 copy), mask and verify, keep their dtype, and
+    ``inspect`` reads them (issue 17, point 2: "no prunable weights (weight dtype 16 ...)" and ``Where(16)``)."""
+    from permsparse.ir.model import weight_values
+
+    src = hf_dtype(exporter, dtype)
+    out = tmp_path / "s.onnx"
+    info = _optimize_and_inspect_16bit(src, out, ["--reconstruct", "none"], capsys)
+    dense, sparse = onnx.load(str(src)), onnx.load(str(out))
+    kinds = {t.data_type for t in dense.graph.initializer if len(t.dims) == 2}
+    assert ONNX_DTYPE[dtype] in kinds
+    # the weights keep their type, and every pruned one is 2:4 (independent check on the written values)
+    d_types = {t.name: t.data_type for t in dense.graph.initializer}
+    inits = {t.name: t for t in sparse.graph.initializer}
+    assert all(inits[n].data_type == d_types[n] for n in d_types)
+    nodes = [n for n in sparse.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+             and len(inits[n.input[1]].dims) == 2]
+    valid = sum(check_nm(weight_values(inits[n.input[1]], None).astype("float32"), 0, 2, 4) for n in nodes)
+    assert valid == 7  # the 7 block weights; lm_head stays dense
+    assert info["summary"]["nm_valid"] == 7
+    assert {w["dtype"] for w in info["weights"]} == {dtype} if "dtype" in info["weights"][0] else True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_bfloat16_defaults(hf_dtype, tmp_path, capsys, exporter):
+    """The defaults (block-wise SparseGPT where blocks are found) on a bf16 model."""
+    info = _optimize_and_inspect_16bit(hf_dtype(exporter, "bfloat16"), tmp_path / "s.onnx", [], capsys)
+    assert info["summary"]["nm_valid"] == 7

@@ -17,6 +17,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from permsparse.ir.external import read_external, uses_external_data
 
+# onnx-graphsurgeon warns on every bfloat16 constant that numpy has no such type and that reading it "casts" it; it
+# does not: its values come back as ml_dtypes.bfloat16 (onnx's own numpy type) and are written back as BFLOAT16.
+gs.logger.G_LOGGER.severity = max(gs.logger.G_LOGGER.severity, gs.logger.G_LOGGER.ERROR)
+
 #: Ops a weight may be read through on its way to MatMul's B input. Each must keep the matrix's axes identifiable.
 WEIGHT_CHAIN_OPS = ("Transpose", "Cast", "Identity")
 

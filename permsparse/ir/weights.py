@@ -84,6 +84,12 @@ def display_name(const: str, node: str) -> str:
 
 
 def _dtype_name(tensor: gs.Constant) -> str:
+    """numpy-style name of a constant's type; onnx-graphsurgeon keeps types numpy lacks (bfloat16) as the ONNX
+    enum, which is mapped back to its name here (issue 17: "weight dtype 16" for a bfloat16 model)."""
+    from permsparse.ir.model import FLOAT_TYPES
+
+    if isinstance(tensor.dtype, int) and tensor.dtype in FLOAT_TYPES:
+        return FLOAT_TYPES[tensor.dtype]
     try:
         return str(np.dtype(tensor.dtype))
     except TypeError:
