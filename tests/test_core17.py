@@ -127,3 +127,35 @@ def test_bfloat16_defaults(hf_dtype, tmp_path, capsys, exporter):
     """The defaults (block-wise SparseGPT where blocks are found) on a bf16 model."""
     info = _optimize_and_inspect_16bit(hf_dtype(exporter, "bfloat16"), tmp_path / "s.onnx", [], capsys)
     assert info["summary"]["nm_valid"] == 7
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_names_survive_the_rewrite(exported, tmp_path, name, exporter):
+    """The sparse model's MatMul nodes keep the dense model's names and annotations, so ``inspect`` and ``build`` of
+    the sparse model name layers as ``optimize`` and ``inspect`` of the dense model do (issue 17, point 6: a dynamo
+    export's sparse model said ``node_MatMul_94`` where the dense one said ``encoder.layer.N...``)."""
+    from permsparse.api import inspect
+    from permsparse.ir.model import load_model
+    from permsparse.ir.weights import model_weight_status
+
+    src = exported(name, exporter)
+    out = tmp_path / "s.onnx"
+    res = optimize(src, out, OptimizeConfig(reconstruct="none", importance="magnitude", workers=1, progress=False))
+    dense, sparse = onnx.load(str(src)), onnx.load(str(out))
+    mm = lambda m: {n.name: n for n in m.graph.node if n.op_type == "MatMul"}  # noqa: E731
+    assert set(mm(dense)) == set(mm(sparse))
+    for n, node in mm(dense).items():
+        assert [(p.key, p.value) for p in mm(sparse)[n].metadata_props] == \
+            [(p.key, p.value) for p in node.metadata_props]
+    labels = {w.name: w.label for w in res.plan.weights.values()}  # what optimize printed
+    d_info, s_info = inspect(src), inspect(out)
+    assert {w["weight"]: w["layer"] for w in s_info.weights} == {w["weight"]: w["layer"] for w in d_info.weights}
+    assert {w["weight"]: w["layer"] for w in s_info.weights} == labels
+    build_labels = {st.weight.name: st.weight.label for st in model_weight_status(load_model(out), out.parent)}
+    assert build_labels == labels
+    if exporter == "dynamo":  # module paths, not generated node names
+        assert not any(label.startswith("node_") for label in labels.values()), labels

@@ -80,6 +80,26 @@ def import_graph(model: onnx.ModelProto, base_dir: str | os.PathLike[str] | None
     return graph
 
 
+def export_graph(graph: gs.Graph, source: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """``gs.export_onnx(graph)`` keeping what onnx-graphsurgeon drops: each node's ``metadata_props`` (a dynamo
+    export's module scopes, which name its layers ``encoder.layer.3.attention...`` instead of ``node_MatMul_94``) and
+    ``doc_string``, copied from ``source``'s node of the same name, and the model's own ``metadata_props``.
+    Invariant: only annotations are copied; the graph computes the same function as ``gs.export_onnx`` gives."""
+    model = gs.export_onnx(graph)
+    if source is None:
+        return model
+    by_name = {n.name: n for n in source.graph.node if n.name and (len(n.metadata_props) or n.doc_string)}
+    for node in model.graph.node:
+        src = by_name.get(node.name)
+        if src is not None and src.op_type == node.op_type:
+            if not len(node.metadata_props):
+                node.metadata_props.extend(src.metadata_props)
+            node.doc_string = node.doc_string or src.doc_string
+    have = {p.key for p in model.metadata_props}
+    model.metadata_props.extend(p for p in source.metadata_props if p.key not in have)
+    return model
+
+
 def const_of(t: gs.Tensor) -> ConstRef | None:
     """The constant behind tensor ``t``, or ``None`` if it is computed at run time."""
     if isinstance(t, gs.Constant):

@@ -181,4 +181,4 @@ def model_weight_status(model, base_dir, n: int = 2, m: int = 4) -> list[WeightS
 
     graph = import_graph(model, base_dir)
     consts = const_index(graph)
-    return [weight_status(w, consts[w.const].values, n, m) for w in find_weights(graph)]
+    return [weight_status(w, consts[w.const].values, n, m) for w in find_weights(graph, node_scopes(model))]
