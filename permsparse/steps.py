@@ -286,6 +286,10 @@ def blockwise(run: Run) -> None:
     # block's masks must be chosen in their permuted order too, or the fold would scatter them (issue 17, point 0)
     engine = Engine(run.model, run.base_dir, plan, run.units.units, bp, const_index(run.graph), cfg, store)
     engine.solver = run.solver
+    if cfg.work_dir is not None:  # block-wise state committed after every block: a killed run resumes after it
+        from permsparse.blockwise.resume import BlockCheckpoint, run_key
+
+        engine.checkpoint = BlockCheckpoint(cfg.work_dir, run_key(run.digest, cfg, pre, bp.blocks, feeds))
     run.blockwise = engine.run(feeds, pre, cfg.progress)
     run.perms = run.blockwise.perms
     run.reports += run.blockwise.unit_reports

@@ -159,3 +159,128 @@ def test_names_survive_the_rewrite(exported, tmp_path, name, exporter):
     assert build_labels == labels
     if exporter == "dynamo":  # module paths, not generated node names
         assert not any(label.startswith("node_") for label in labels.values()), labels
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_block_checkpoint_store(tmp_path):
+    """Commit / load round trip; a torn or foreign state is ignored; a commit interrupted before its state file
+    leaves the previous commit loadable; older stream files go once a newer commit is in."""
+    import numpy as np
+    import torch
+
+    from permsparse.blockwise.resume import BlockCheckpoint
+
+    ck = BlockCheckpoint(tmp_path, "a" * 64)
+    assert ck.load() is None
+    s0 = [(torch.arange(6.0).reshape(1, 2, 3), torch.ones(1, 2, 3))]
+    w0 = {"w0": np.arange(8, dtype=np.float16).reshape(4, 2)}
+    ck.commit(1, {"u0": np.array([1, 0, 2, 3])}, [{"unit": "u0", "seconds": 1.0}], [{"index": 0}], s0, w0)
+    got = ck.load()
+    assert got.done == 1 and np.array_equal(got.perms["u0"], [1, 0, 2, 3])
+    assert torch.equal(got.streams[0][0], s0[0][0]) and torch.equal(got.streams[0][1], s0[0][1])
+    assert np.array_equal(np.load(got.weights["w0"]), w0["w0"]) and np.load(got.weights["w0"]).dtype == np.float16
+    assert got.unit_reports == [{"unit": "u0", "seconds": 1.0}] and got.block_reports == [{"index": 0}]
+    # a second commit keeps block 0's weights, adds block 1's, drops the old stream
+    s1 = [(s0[0][0] + 1, s0[0][1])]
+    ck.commit(2, {"u0": np.array([1, 0, 2, 3]), "u1": np.array([0, 1])}, [], [{"index": 0}, {"index": 1}], s1,
+              {"w1": np.ones((4, 4), np.float32)})
+    got = ck.load()
+    assert got.done == 2 and set(got.weights) == {"w0", "w1"} and torch.equal(got.streams[0][0], s1[0][0])
+    assert [p.name for p in ck.root.glob("stream-*.pt")] == ["stream-2.pt"]
+    # another run's key under the same folder prefix: ignored
+    assert BlockCheckpoint(tmp_path, "a" * 32 + "b" * 32).load() is None
+    # a damaged weight file: the whole state is ignored (start again), never half used
+    path = got.weights["w1"]
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\1")
+    assert ck.load() is None
+    # killed after writing block 2's weights and stream but before its state file: commit 2 still stands
+    ck2 = BlockCheckpoint(tmp_path / "k", "c" * 64)
+    ck2.commit(1, {}, [], [{"index": 0}], s0, w0)
+    real = __import__("permsparse.blockwise.resume", fromlist=["_atomic_write"])
+    orig = real._atomic_write
+
+    def dies_on_state(path, write):
+        if path.name == "state.json":
+            raise KeyboardInterrupt
+        orig(path, write)
+
+    real._atomic_write = dies_on_state
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ck2.commit(2, {}, [], [{"index": 0}, {"index": 1}], s1, {"w1": np.ones((2, 2), np.float32)})
+    finally:
+        real._atomic_write = orig
+    got = ck2.load()
+    assert got is not None and got.done == 1 and set(got.weights) == {"w0"}
+    assert torch.equal(got.streams[0][0], s0[0][0])
+
+
+@pytest.mark.slow
+def test_work_dir_resumes_finished_blocks(exported, tmp_path, caplog):
+    """A second run with the same --work-dir restores every finished block (no block recomputed) and writes the
+    same bytes; another option gives another key (nothing reused)."""
+    import logging
+
+    src = exported("llama", "legacy")
+    cfg = OptimizeConfig(workers=1, progress=False, work_dir=str(tmp_path / "wd"), finetune_epochs=1,
+                         calib_samples=8)
+    first = optimize(src, tmp_path / "a.onnx", cfg)
+    assert len(first.block_reports) == 4
+    with caplog.at_level(logging.INFO, logger="permsparse.blockwise.engine"):
+        second = optimize(src, tmp_path / "b.onnx", cfg)
+    assert "resuming after block 4 of 4" in caplog.text
+    assert "block 0:" not in caplog.text  # nothing recomputed
+    assert sha256(tmp_path / "a.onnx") == sha256(tmp_path / "b.onnx")
+    assert [r.err_final for r in second.block_reports] == [r.err_final for r in first.block_reports]
+    assert {k: v.tolist() for k, v in second.perms.items()} == {k: v.tolist() for k, v in first.perms.items()}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="permsparse.blockwise.engine"):
+        optimize(src, tmp_path / "c.onnx", OptimizeConfig(workers=1, progress=False, work_dir=str(tmp_path / "wd"),
+                                                          finetune_epochs=1, calib_samples=8, damp=0.05))
+    assert "resuming" not in caplog.text and "block 0:" in caplog.text
+
+
+@pytest.mark.slow
+def test_sigkill_half_way_then_resume(exported, tmp_path):
+    """``optimize --work-dir`` killed with SIGKILL after half of its blocks: the rerun restores those blocks (it
+    recomputes only the rest) and writes what an uninterrupted run writes (issue 17, point 4)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = exported("llama", "legacy")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-m", "permsparse.cli", "optimize", str(src), "--calib-samples", "8", "--finetune-epochs",
+            "1", "--workers", "1"]
+    ref = tmp_path / "ref.onnx"
+    subprocess.run([*args, "-o", str(ref), "-q"], check=True, env=env, timeout=600, capture_output=True)
+    wd, out = tmp_path / "wd", tmp_path / "out.onnx"
+    proc = subprocess.Popen([*args, "-o", str(out), "--work-dir", str(wd), "-q"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        done = 0
+        while done < 2 and proc.poll() is None and time.monotonic() < deadline:
+            for state in wd.glob("blocks/*/state.json"):
+                try:
+                    done = json.loads(state.read_text())["done"]
+                except (OSError, ValueError, KeyError):
+                    pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed half-way"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert 2 <= done < 4 and not out.exists()
+    res = subprocess.run([*args, "-o", str(out), "--work-dir", str(wd), "-v"], env=env, timeout=600,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    resumed = [ln for ln in res.stderr.splitlines() if "resuming after block" in ln]
+    assert resumed and int(resumed[0].split("resuming after block ")[1].split()[0]) >= 2, res.stderr[-2000:]
+    assert "block 0:" not in res.stderr and "block 3:" in res.stderr
+    assert sha256(out) == sha256(ref)
