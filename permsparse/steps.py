@@ -304,7 +304,8 @@ def verify(run: Run) -> None:
     cfg, feeds = run.cfg, run.verify_feeds
     if run.external:
         spill_constants(run.graph, {c for c, _ in run.fold.indices}, run.work)
-        folded, folded_dir = export_graph(run.graph, run.model), run.work  # weights referenced where they lie, by absolute path
+        # weights referenced where they lie, by absolute path
+        folded, folded_dir = export_graph(run.graph, run.model), run.work
         if run.whole_check:  # onnxruntime wants the data beside the model
             folded = onnx.load(str(save_model(folded, run.work / "dense.onnx", external_data=True)),
                                load_external_data=False)

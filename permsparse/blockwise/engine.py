@@ -155,17 +155,20 @@ class Engine:
                 report.seconds = time.perf_counter() - t0
                 result.block_reports.append(report)
                 if self.checkpoint is not None:
-                    self.checkpoint.commit(
-                        block.index + 1, result.perms,
-                        [{"unit": r.unit.name, **{f.name: float(getattr(r, f.name)) for f in fields(r) if f.name != "unit"}}
-                         for r in result.unit_reports],
-                        [asdict(r) for r in result.block_reports], [(b.sparse, b.dense) for b in state.batches],
-                        {w: self.store.get(w) for w in block.weights})
+                    self.commit(block, state, result)
                 bar.set_postfix_str(f"err {report.err_final:.3g}")
                 bar.update(1)
         finally:
             bar.close()
         return result
+
+    def commit(self, block: Block, state: CalibState, result: BlockwiseResult) -> None:
+        """Commit the state after ``block`` (:mod:`.resume`): streams, its weights, permutations, reports."""
+        units = [{"unit": r.unit.name, **{f.name: float(getattr(r, f.name)) for f in fields(r) if f.name != "unit"}}
+                 for r in result.unit_reports]
+        self.checkpoint.commit(block.index + 1, result.perms, units, [asdict(r) for r in result.block_reports],
+                               [(b.sparse, b.dense) for b in state.batches],
+                               {w: self.store.get(w) for w in block.weights})
 
     def resume(self, state: CalibState, result: BlockwiseResult) -> int:
         """Restore the committed state of an interrupted run with the same key (:mod:`.resume`); the number of
