@@ -1,8 +1,11 @@
 #!/bin/bash
 # Resume ratio on MiniLM defaults: uninterrupted vs kill-at-half + rerun (contended 2-core machine).
-export PYTHONPATH=/work/wt/cli-core
-PS=/work/main/.venv/bin/permsparse
-cd /tmp/cli-core/m
+# Usage: bench/resume_minilm.sh [WORK_FOLDER]   (results appended to WORK_FOLDER/times.txt)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH=$REPO
+PS="$REPO/.venv/bin/permsparse"
+[ -x "$PS" ] || PS=permsparse
+mkdir -p "${1:-out/resume}" && cd "${1:-out/resume}"
 [ -f minilm.onnx ] || nice -n 5 $PS export minilm -o minilm.onnx -q
 rm -rf wdA wdB full.onnx* res.onnx*
 s=$(date +%s.%N); nice -n 5 $PS optimize minilm.onnx -o full.onnx --work-dir wdA -q > full.log 2>&1; echo "full rc=$? $(echo "$(date +%s.%N) - $s" | bc)" >> times.txt
