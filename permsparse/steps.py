@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from permsparse.config import CALIBRATED_IMPORTANCES, OptimizeConfig
 from permsparse.errors import PermsparseError, VerificationError
 from permsparse.ir.compare import Equivalence, compare
-from permsparse.ir.graph import const_index, import_graph
+from permsparse.ir.graph import const_index, export_graph, import_graph
 from permsparse.ir.inputs import concrete_shapes, random_feeds
 from permsparse.ir.model import (
     check_input,
@@ -275,7 +275,7 @@ def blockwise(run: Run) -> None:
             "no Transformer blocks found (no residual-stream tensor cuts the graph), so block-wise calibration "
             "cannot run; use --reconstruct none --objective importance --finetune-epochs 0 --no-sequential"
         )
-    inside, outside = split_units(plan, run.units.units, bp)
+    _, outside = split_units(plan, run.units.units, bp)
     pre: dict[str, np.ndarray] = {}
     if cfg.recipe_perms is not None:
         pre = replay(run.units, cfg)
@@ -287,8 +287,14 @@ def blockwise(run: Run) -> None:
               for w in plan.weights.values()}
     store = WeightStore(run.work / "weights", dtypes)
     feeds = calibration_feeds(run.src, cfg)
-    engine = Engine(run.model, run.base_dir, plan, inside, bp, const_index(run.graph), cfg, store)
+    # every unit: those spanning blocks (global's residual closure) come with their permutations in ``pre``, and the
+    # block's masks must be chosen in their permuted order too, or the fold would scatter them (issue 17, point 0)
+    engine = Engine(run.model, run.base_dir, plan, run.units.units, bp, const_index(run.graph), cfg, store)
     engine.solver = run.solver
+    if cfg.work_dir is not None:  # block-wise state committed after every block: a killed run resumes after it
+        from permsparse.blockwise.resume import BlockCheckpoint, run_key
+
+        engine.checkpoint = BlockCheckpoint(cfg.work_dir, run_key(run.digest, cfg, pre, bp.blocks, feeds))
     run.blockwise = engine.run(feeds, pre, cfg.progress)
     run.perms = run.blockwise.perms
     run.reports += run.blockwise.unit_reports
@@ -303,12 +309,13 @@ def verify(run: Run) -> None:
     cfg, feeds = run.cfg, run.verify_feeds
     if run.external:
         spill_constants(run.graph, {c for c, _ in run.fold.indices}, run.work)
-        folded, folded_dir = gs.export_onnx(run.graph), run.work  # weights referenced where they lie, by absolute path
+        # weights referenced where they lie, by absolute path
+        folded, folded_dir = export_graph(run.graph, run.model), run.work
         if run.whole_check:  # onnxruntime wants the data beside the model
             folded = onnx.load(str(save_model(folded, run.work / "dense.onnx", external_data=True)),
                                load_external_data=False)
     else:
-        folded, folded_dir = gs.export_onnx(run.graph), None
+        folded, folded_dir = export_graph(run.graph, run.model), None
     if run.whole_check:
         if run.half:
             reference = run_outputs(upcast_model(run.model, run.base_dir), [upcast_feeds(f) for f in feeds])
@@ -363,7 +370,7 @@ def save(run: Run) -> None:
     if run.external and dst is not None:
         transforms = {} if not cfg.mask else {
             plan.weights[n].const: _streaming_mask(run, n, imp, row_orders.get(n), masks, store) for n in selected}
-        run.out_model = gs.export_onnx(run.graph)
+        run.out_model = export_graph(run.graph, run.model)
         provenance(run)
         save_model(run.out_model, dst, external_data=True, transform=transforms)
     else:
@@ -377,7 +384,7 @@ def save(run: Run) -> None:
                 ref.set_values(final)
                 masks.append(st)
             masks += apply_masks(run.graph, plan, [n for n in selected if n not in rebuilt], imp, row_orders)
-        run.out_model = gs.export_onnx(run.graph)
+        run.out_model = export_graph(run.graph, run.model)
         provenance(run)
         if dst is not None:
             save_model(run.out_model, dst)

@@ -387,7 +387,8 @@ def test_build_sparse_engine(models: dict[str, Path], tmp_path: Path, precision:
     else:
         assert all(layer.status in ("sparse", "dense-faster", "not-eligible") for layer in big)
     text = report.summary()
-    assert "sparse weights flag: on" in text and "/fc1/MatMul" in text
+    assert "sparse weights flag: on" in text and status["/fc1/MatMul"].label == "fc1"
+    assert "  fc1 " in text  # layers are shown by their names in the model, as inspect shows them
     assert (tmp_path / "trt.log").stat().st_size > 0
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from permsparse.blockwise.store import WeightStore
 from permsparse.errors import PermsparseError
 from permsparse.ir.graph import ConstRef
 from permsparse.learn import UnitReport, canonical_importance, row_map
+from permsparse.optimizer.base import SolveResult
 from permsparse.passes.analysis import Plan
 from permsparse.passes.blocks import Block, BlockPlan
 from permsparse.passes.fold import Unit, block_perm
@@ -96,6 +97,7 @@ class Engine:
         self.model, self.base_dir, self.plan, self.bp, self.consts, self.cfg = model, base_dir, plan, bp, consts, cfg
         self.store = store
         self.solver = None  # permsparse.learn.Solver of the run (executor, checkpoint); None: local pool, no checkpoint
+        self.checkpoint = None  # permsparse.blockwise.resume.BlockCheckpoint (--work-dir): committed after each block
         self.units = units
         self.unit_of: dict[str, Unit] = {w: u for u in units for w in u.weights}
         self.upcast = half_weights(model)
@@ -140,18 +142,54 @@ class Engine:
 
         state = self.prepare(feeds)
         result = BlockwiseResult(dict(pre_perms), self.store, tokens=state.tokens)
-        bar = tqdm(total=len(self.bp.blocks), desc="blocks", unit="block", disable=not progress)
+        start = self.resume(state, result)
+        bar = tqdm(total=len(self.bp.blocks), initial=start, desc="blocks", unit="block", disable=not progress)
         try:
-            for block in self.bp.blocks:
+            for block in self.bp.blocks[start:]:
                 t0 = time.perf_counter()
                 report = self.block(block, state, result)
                 report.seconds = time.perf_counter() - t0
                 result.block_reports.append(report)
+                if self.checkpoint is not None:
+                    self.commit(block, state, result)
                 bar.set_postfix_str(f"block output error {report.err_final:.3g}")
                 bar.update(1)
         finally:
             bar.close()
         return result
+
+    def commit(self, block: Block, state: CalibState, result: BlockwiseResult) -> None:
+        """Commit the state after ``block`` (:mod:`.resume`): streams, its weights, permutations, reports."""
+        units = [{"unit": r.unit.name, **{f.name: (bool if f.name == "reused" else float)(getattr(r.result, f.name))
+                                          for f in fields(r.result) if f.name not in ("name", "perm")}}
+                 for r in result.unit_reports]
+        self.checkpoint.commit(block.index + 1, result.perms, units, [asdict(r) for r in result.block_reports],
+                               [(b.sparse, b.dense) for b in state.batches],
+                               {w: self.store.get(w) for w in block.weights})
+
+    def resume(self, state: CalibState, result: BlockwiseResult) -> int:
+        """Restore the committed state of an interrupted run with the same key (:mod:`.resume`); the number of
+        blocks it finished (0 when there is none)."""
+        saved = self.checkpoint.load() if self.checkpoint is not None else None
+        if saved is None or saved.done == 0:
+            return 0
+        if saved.done > len(self.bp.blocks) or len(saved.streams) != len(state.batches) or any(
+                tuple(s.shape) != tuple(b.sparse.shape) for (s, _), b in zip(saved.streams, state.batches)):
+            log.warning("the block-wise checkpoint does not fit this run; starting from the first block")
+            return 0
+        for (sparse, dense), b in zip(saved.streams, state.batches):
+            b.sparse, b.dense = sparse, dense
+        for name, path in saved.weights.items():
+            self.store.put(name, np.load(path, allow_pickle=False))
+        result.perms.update(saved.perms)
+        units = {u.name: u for u in self.units}
+        for r in saved.unit_reports:
+            name = r.pop("unit")
+            result.unit_reports.append(UnitReport(units[name], SolveResult(name, np.asarray(result.perms[name]), **r)))
+        result.block_reports.extend(BlockReport(**r) for r in saved.block_reports)
+        log.info("resuming after block %d of %d (work dir): %d weights and the calibration streams restored",
+                 saved.done, len(self.bp.blocks), len(saved.weights))
+        return saved.done
 
     def block(self, block: Block, state: CalibState, result: BlockwiseResult) -> BlockReport:
         cfg = self.cfg

@@ -17,6 +17,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from permsparse.ir.external import read_external, uses_external_data
 
+# onnx-graphsurgeon warns on every bfloat16 constant that numpy has no such type and that reading it "casts" it; it
+# does not: its values come back as ml_dtypes.bfloat16 (onnx's own numpy type) and are written back as BFLOAT16.
+gs.logger.G_LOGGER.severity = max(gs.logger.G_LOGGER.severity, gs.logger.G_LOGGER.ERROR)
+
 #: Ops a weight may be read through on its way to MatMul's B input. Each must keep the matrix's axes identifiable.
 WEIGHT_CHAIN_OPS = ("Transpose", "Cast", "Identity")
 
@@ -74,6 +78,26 @@ def import_graph(model: onnx.ModelProto, base_dir: str | os.PathLike[str] | None
                 if proto.data_location == TensorProto.EXTERNAL:
                     t._values = ExternalValues(proto, base_dir)
     return graph
+
+
+def export_graph(graph: gs.Graph, source: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """``gs.export_onnx(graph)`` keeping what onnx-graphsurgeon drops: each node's ``metadata_props`` (a dynamo
+    export's module scopes, which name its layers ``encoder.layer.3.attention...`` instead of ``node_MatMul_94``) and
+    ``doc_string``, copied from ``source``'s node of the same name, and the model's own ``metadata_props``.
+    Invariant: only annotations are copied; the graph computes the same function as ``gs.export_onnx`` gives."""
+    model = gs.export_onnx(graph)
+    if source is None:
+        return model
+    by_name = {n.name: n for n in source.graph.node if n.name and (len(n.metadata_props) or n.doc_string)}
+    for node in model.graph.node:
+        src = by_name.get(node.name)
+        if src is not None and src.op_type == node.op_type:
+            if not len(node.metadata_props):
+                node.metadata_props.extend(src.metadata_props)
+            node.doc_string = node.doc_string or src.doc_string
+    have = {p.key for p in model.metadata_props}
+    model.metadata_props.extend(p for p in source.metadata_props if p.key not in have)
+    return model
 
 
 def const_of(t: gs.Tensor) -> ConstRef | None:

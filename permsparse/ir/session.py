@@ -57,24 +57,50 @@ class Session:
         if threads:
             opts.intra_op_num_threads = int(threads)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.upcast = False  # True: this session runs a float32 copy of a 16-bit model (see _open)
         extra = list(dict.fromkeys(extra_outputs or []))
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
             if not path.is_file():
                 raise PermsparseError(f"{path}: no such model file")
+            base_dir = path.resolve().parent
             if not extra:
                 source: bytes | str = str(path)
             else:
-                proto = onnx.load(str(path), load_external_data=False)
-                source = self._serialize(proto, extra, opts, path.resolve().parent)
+                source = self._serialize(onnx.load(str(path), load_external_data=False), extra, opts, base_dir)
         else:
             source = self._serialize(model, extra, opts, base_dir)
-        try:
-            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise PermsparseError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        self.session = self._open(source, model, extra, opts, base_dir)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _open(self, source: bytes | str, model, extra: list[str], opts: Any, base_dir):
+        """The session; for a 16-bit model with an op onnxruntime's CPU provider has no 16-bit kernel for (most ops
+        in bfloat16, e.g. ``Where``), a session of its exact float32 copy (:func:`permsparse.ir.upcast.upcast_model`):
+        feeds are widened and outputs come back as float32."""
+        import onnxruntime as ort
+
+        from permsparse.ir.upcast import is_half_model, upcast_model
+
+        try:
+            return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = _first_line(exc)
+            proto = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, os.PathLike)) \
+                else model
+            if "NOT_IMPLEMENTED" not in first or not is_half_model(proto):
+                raise PermsparseError(f"onnxruntime cannot load the model: {first}") from None
+        log.info("onnxruntime has no 16-bit kernel for an op of this model (%s): running its float32 copy", first)
+        copy = upcast_model(proto, base_dir)
+        self.upcast = True
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        try:
+            return ort.InferenceSession(self._serialize(copy, extra, opts, base_dir), opts,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise PermsparseError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
 
     def _serialize(self, model: onnx.ModelProto, extra: list[str], opts: Any, base_dir) -> bytes | str:
         existing = {o.name for o in model.graph.output}
@@ -107,6 +133,10 @@ class Session:
         if missing:
             raise PermsparseError(f"the inputs lack {missing}; the model takes {self.input_names}")
         run_feed = {n: np.asarray(feeds[n]) for n in self.input_names}
+        if self.upcast:
+            from permsparse.ir.upcast import upcast_feeds
+
+            run_feed = upcast_feeds(run_feed)
         try:
             values = self.session.run(list(names) if names is not None else None, run_feed)
         except Exception as exc:

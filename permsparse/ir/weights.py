@@ -84,6 +84,12 @@ def display_name(const: str, node: str) -> str:
 
 
 def _dtype_name(tensor: gs.Constant) -> str:
+    """numpy-style name of a constant's type; onnx-graphsurgeon keeps types numpy lacks (bfloat16) as the ONNX
+    enum, which is mapped back to its name here (issue 17: "weight dtype 16" for a bfloat16 model)."""
+    from permsparse.ir.model import FLOAT_TYPES
+
+    if isinstance(tensor.dtype, int) and tensor.dtype in FLOAT_TYPES:
+        return FLOAT_TYPES[tensor.dtype]
     try:
         return str(np.dtype(tensor.dtype))
     except TypeError:
@@ -175,4 +181,4 @@ def model_weight_status(model, base_dir, n: int = 2, m: int = 4) -> list[WeightS
 
     graph = import_graph(model, base_dir)
     consts = const_index(graph)
-    return [weight_status(w, consts[w.const].values, n, m) for w in find_weights(graph)]
+    return [weight_status(w, consts[w.const].values, n, m) for w in find_weights(graph, node_scopes(model))]

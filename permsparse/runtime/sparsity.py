@@ -35,6 +35,11 @@ class LayerSparsity:
     is_2to4: bool
     status: str
     reason: str
+    label: str = ""  # the layer's name in the model (module path), as optimize and inspect show it
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.node
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,12 @@ class BuildReport:
                 f"{self.n_candidates} are sparse candidates (the build log has no (Sparsity) lines)"
             )
         if self.layers:
-            w = min(60, max(len(layer.node) for layer in self.layers))
+            w = min(60, max(len(layer.shown) for layer in self.layers))
             lines.append(f"  {'layer':<{w}}  {'K x N':>11}  2:4  {'status':<13} why")
             for layer in self.layers[:max_rows]:
                 kn = f"{layer.k}x{layer.n}"
                 lines.append(
-                    f"  {layer.node[-w:]:<{w}}  {kn:>11}  {'yes' if layer.is_2to4 else 'no ':<3}  "
+                    f"  {layer.shown[-w:]:<{w}}  {kn:>11}  {'yes' if layer.is_2to4 else 'no ':<3}  "
                     f"{layer.status:<13} {layer.reason}"
                 )
             if len(self.layers) > max_rows:
@@ -156,5 +161,5 @@ def classify_layers(
             status, reason = "candidate", "2:4 and large enough; kernel chosen at run time on the GPU"
         else:
             status, reason = "dense", obstacle
-        out.append(LayerSparsity(w.name, w.k, w.n, st.nm_valid, status, reason))
+        out.append(LayerSparsity(w.name, w.k, w.n, st.nm_valid, status, reason, w.label))
     return tuple(out)
