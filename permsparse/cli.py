@@ -257,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a built-in or local Hugging Face model to ONNX",
                        description="minilm: the real all-MiniLM-L6-v2 (offline); vit, llama: seeded test models; "
-                       "hf: a local Hugging Face checkpoint (--hf-dir). Weights over ~1.8 GB go to OUT.onnx.data.")
+                       "hf: a local Hugging Face checkpoint (--hf-dir); tiny-<family> (tiny-gemma3, tiny-qwen2, tiny-phi3, tiny-gpt2, ...): "
+                       "seeded 2-layer models of each family built from transformers configs. Weights over ~1.8 GB go "
+                       "to OUT.onnx.data.")
     _common(p)
-    p.add_argument("model", choices=MODEL_NAMES, help="which model to export")
+    p.add_argument("model", choices=MODEL_NAMES, metavar="MODEL", help="which model: " + ", ".join(MODEL_NAMES))
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx", help="ONNX file to write")
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch.onnx exporter (default dynamo)")
     p.add_argument("--size", choices=MODEL_SIZES, default="tiny", help="preset size for vit/llama (default tiny)")

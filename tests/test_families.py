@@ -262,3 +262,18 @@ def test_gemma3_eighteen_layers_one_layer_per_block_pair(tmp_path):
     assert len(bp.blocks) == 36 and len(bp.layers()) == 18 and bp.outside == []
     first_node = next(n for n in graph.nodes if any(o.name == bp.first for o in n.outputs))
     assert first_node.op == "Mul"  # embeddings * sqrt(hidden)
+
+
+def test_export_verb_offers_every_family(tmp_path):
+    """``permsparse export tiny-<family>`` is the registry entry of each family (models/zoo/families.py)."""
+    from permsparse.cli import main
+    from permsparse.config import MODEL_NAMES
+    from permsparse.models.families import FAMILIES
+
+    assert {f"tiny-{name}" for name in FAMILIES} <= set(MODEL_NAMES)
+    out = tmp_path / "qwen3.onnx"
+    assert main(["export", "tiny-qwen3", "-o", str(out), "--exporter", "legacy", "-q"]) == 0
+    import onnx
+
+    model = onnx.load(str(out))
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) >= 14  # 2 layers x 7 projections (+ lm_head)

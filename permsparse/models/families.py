@@ -24,11 +24,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from permsparse.errors import PermsparseError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def _perturb_vectors_(model: torch.nn.Module, seed: int) -> None:
     Fresh ``transformers`` models start with zero biases and unit norm scales: exporters then share one constant
     between several of them (the legacy exporter deduplicates equal initializers), which links unrelated closures
     and would hide a missed bias or norm in the fold. Real checkpoints have distinct values; so do these."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
@@ -130,6 +133,8 @@ def build_family_module(name: str, *, layers: int = 2, seed: int = 0, batch: int
     """The seeded model of family ``name`` wrapped for export: a :class:`permsparse.models.hf.LoadedModel`.
 
     ``config``: overrides of the family's config keyword arguments (e.g. a bigger ``hidden_size``)."""
+    import torch
+
     from permsparse.models.hf import (
         CausalLMWrapper,
         EncoderWrapper,

@@ -11,7 +11,7 @@ from permsparse.models.registry import (
 
 # The order of these imports is the order the CLI lists the families.
 # isort: off
-from permsparse.models.zoo import minilm, smollm2, vit, llama, hf  # noqa: F401  (each registers its family)
+from permsparse.models.zoo import minilm, smollm2, vit, llama, hf, families  # noqa: F401  (each registers)
 # isort: on
 
 __all__ = ["EXPORTERS", "MODEL_FAMILIES", "model_family", "model_sizes"]
