@@ -90,7 +90,10 @@ def test_dummy_registrations_reach_cli_config_and_dispatch(tmp_path):
     assert out["methods"] == ["identity", "lsa", "channel_swap", "learned", "reverse"]
     assert out["importances"] == ["magnitude", "wanda", "ria", "squared"]  # obs is registered but not offered
     assert out["calibrated"] == ["ria", "squared", "wanda"]
-    assert out["models"] == ["minilm", "smollm2", "vit", "llama", "hf", "twolinear"]
+    from permsparse.models.families import FAMILIES
+
+    tiny = [f"tiny-{name}" for name in FAMILIES]
+    assert out["models"] == ["minilm", "smollm2", "vit", "llama", "hf", *tiny, "twolinear"]
     assert out["sizes"] == ["tiny", "small", "b16", "1b", "xl"]
     assert out["parsed"] == ["reverse", "squared"]
     assert out["resolved"] == ["reverse", "squared", True]
