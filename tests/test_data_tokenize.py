@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from permsparse.data import corpus
 from permsparse.data.feeds import lm_token_windows, make_feeds
-from permsparse.data.metrics import evaluate_drift
+from permsparse.data.metrics import evaluate_drift, perplexity
 from permsparse.data.text import read_texts, special_affixes
 from permsparse.errors import PermsparseError
 
@@ -100,6 +100,8 @@ def test_optimum_folder_tokenizer_used_for_calibration_and_evaluation(tmp_path):
         np.testing.assert_array_equal(feeds[0]["position_ids"][0], np.arange(12))
     r = evaluate_drift(model, model, held, lm=True)
     assert r["ppl_dense"] == pytest.approx(r["ppl_sparse"]) and r["tokens"] == 4 * 11
+    one = perplexity(model, held)
+    assert one["ppl"] == pytest.approx(r["ppl_dense"], rel=1e-12) and one["tokens"] == 4 * 11
 
 
 def test_calib_txt_jsonl_and_folder(tmp_path):
