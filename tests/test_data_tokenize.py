@@ -158,3 +158,30 @@ def test_too_little_text_says_how_to_give_more(tmp_path, caplog):
     assert "only 3 windows of 7 tokens (50 asked for)" in msg and "--calib" in msg and "--calib-samples" in msg
     with pytest.raises(PermsparseError, match="fewer than 63 tokens.*give more text"):
         make_feeds(model, data, samples=2, seq_len=64)
+
+
+def test_export_folder_resolves_to_its_model(tmp_path):
+    import permsparse
+    from permsparse.data.kinds import model_file
+
+    folder = tmp_path / "optimum"
+    folder.mkdir()
+    _bos_tokenizer(folder)
+    with pytest.raises(PermsparseError, match="no .onnx model"):
+        model_file(folder)
+    _decoder(folder / "decoder_model.onnx")
+    _decoder(folder / "decoder_with_past_model.onnx")
+    assert model_file(folder) == folder / "decoder_model.onnx"
+    _decoder(folder / "model.onnx")
+    assert model_file(folder) == folder / "model.onnx"
+    assert model_file(folder / "decoder_model.onnx") == folder / "decoder_model.onnx"
+    other = tmp_path / "two"
+    other.mkdir()
+    _decoder(other / "a.onnx")
+    _decoder(other / "b.onnx")
+    with pytest.raises(PermsparseError, match="several models"):
+        model_file(other)
+    feeds = make_feeds(folder, None, samples=2, batch_size=2, seq_len=8)  # tokenizer found in the folder: BOS-led
+    assert (feeds[0]["input_ids"][:, 0] == 1).all()
+    info = permsparse.inspect(folder)  # the public API takes the folder
+    assert len(info.weights) == 1

@@ -32,6 +32,7 @@ from permsparse.data.kinds import (
     KINDS,
     batches_static,
     load_header,
+    model_file,
     model_inputs,
     model_kind,
     vocab_size,
@@ -359,6 +360,8 @@ def make_feeds(
     """
     if kind not in KINDS:
         raise PermsparseError(f"unknown data kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if isinstance(model, (str, os.PathLike)):
+        model = model_file(model)  # an export folder: its model, with the tokenizer beside it
     header = load_header(model)
     k = model_kind(header) if kind == "auto" else kind
     if tokenizer_dir is None and isinstance(model, (str, os.PathLike)) and k != "image":
