@@ -17,6 +17,7 @@ as ``bench/quality.py`` does. The table (perplexity, ratio to dense, seconds) is
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -75,7 +76,13 @@ def main() -> int:
     dense = args.dense or export_dense(args.work)
     feeds = {name: make_feeds(str(dense), None if name == "mix" else name, samples=args.heldout, batch_size=8,
                               seq_len=args.seq, seed=1, split="heldout") for name, _ in EVAL_SETS}
-    dense_ppl = {name: perplexity(str(dense), f, progress=False)["ppl"] for name, f in feeds.items()}
+    cache = args.work / f"dense-ppl-{args.heldout}x{args.seq}.json"  # the dense model's figures, kept between runs
+    if cache.is_file() and json.loads(cache.read_text()).get("dense") == str(dense.resolve()):
+        dense_ppl = json.loads(cache.read_text())["ppl"]
+    else:
+        dense_ppl = {name: perplexity(str(dense), f, progress=False)["ppl"] for name, f in feeds.items()}
+        args.work.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"dense": str(dense.resolve()), "ppl": dense_ppl}))
     header = ["calibration", "tokens"] + [f"{label} ppl (× dense)" for _, label in EVAL_SETS] + ["seconds"]
     rows = [["dense", "-"] + [f"{dense_ppl[n]:.2f} (1.00)" for n, _ in EVAL_SETS] + ["-"]]
     print(" | ".join(rows[-1]), flush=True)
