@@ -26,11 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from permsparse.config import OptimizeConfig  # noqa: E402
-from permsparse.data import corpus  # noqa: E402
-from permsparse.data.feeds import make_feeds  # noqa: E402
-from permsparse.data.metrics import perplexity  # noqa: E402
-from permsparse.pipeline import optimize  # noqa: E402
+from permsparse.config import OptimizeConfig
+from permsparse.data import corpus
+from permsparse.data.feeds import make_feeds
+from permsparse.data.metrics import perplexity
+from permsparse.pipeline import optimize
 
 DEFAULT_POINTS = "wiki:32x128,mix:32x128,mix:128x128,mix:64x256"
 EVAL_SETS = (("wiki", "Wikipedia held-out"), ("mix", "mix held-out"), (corpus.OUT_OF_DOMAIN, "out of domain"))
@@ -88,16 +88,16 @@ def main() -> int:
     print(" | ".join(rows[-1]), flush=True)
     notes = [
         "# Calibration tokens and domains vs held-out perplexity: SmolLM2-135M, one-shot defaults",
-        f"Command: `nice -n 5 python bench/calibration_curve.py --points {args.points} --heldout {args.heldout} "
-        f"--seq {args.seq}`; {platform.node()}, {time.strftime('%Y-%m-%d')}, 2 CPU cores shared with other jobs "
-        "(contended: seconds are wall-clock and noisy). One run per point.",
+        (f"Command: `nice -n 5 python bench/calibration_curve.py --points {args.points} --heldout {args.heldout} "
+         f"--seq {args.seq}`; {platform.node()}, {time.strftime('%Y-%m-%d')}, 2 CPU cores shared with other jobs "
+         "(contended: seconds are wall-clock and noisy). One run per point."),
         "",
         f"Held-out sets: {args.heldout} windows × {args.seq} tokens each, the same for every row: "
         + "; ".join(f"{label} = {corpus.source(n) if n != 'mix' else 'the held-out split of ' + ', '.join(corpus.DEFAULT_MIX)}"
                     for n, label in EVAL_SETS)
         + f". The out-of-domain set ({corpus.OUT_OF_DOMAIN}) is in no calibration mix.",
-        "Rows: `permsparse.optimize` defaults (lsa + Wanda + SparseGPT block by block, damp 0.1, policy local), only "
-        "the calibration source and size changed; `mix` = the built-in multi-domain mix (no `--calib`).",
+        ("Rows: `permsparse.optimize` defaults (lsa + Wanda + SparseGPT block by block, damp 0.1, policy local), only "
+         "the calibration source and size changed; `mix` = the built-in multi-domain mix (no `--calib`)."),
     ]
     for src, n, s in points:
         cfg = OptimizeConfig(calib=None if src == "mix" else src, calib_samples=n, calib_seq_len=s, progress=False)

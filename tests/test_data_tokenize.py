@@ -26,10 +26,7 @@ def _bos_tokenizer(folder, add_bos: bool = True):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>"] + [w for w in (
-        "the of and to a in is was for on that with as by at from it an be are his he this which or had not "
-        "but have were has its their one first also they new after who been more two been time "
-        "house member minister government people year would will there").split()][: VOCAB - 3]
+    words = ["<unk>", "<s>", "</s>"] + [w for w in ["the", "of", "and", "to", "a", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "it", "an", "be", "are", "his", "he", "this", "which", "or", "had", "not", "but", "have", "were", "has", "its", "their", "one", "first", "also", "they", "new", "after", "who", "been", "more", "two", "been", "time", "house", "member", "minister", "government", "people", "year", "would", "will", "there"]][: VOCAB - 3]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()

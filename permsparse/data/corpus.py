@@ -197,15 +197,15 @@ def _read_manuals() -> tuple[str, list[tuple[str, str]]] | None:
     return f"ONNX operator specification and onnx.proto comments ({len(items)})", items
 
 
-_C_COMMENT = re.compile(r"/\*(.*?)\*/|//(.*?)$", re.S | re.M)
-_BANNER = re.compile(r"copyright|license|licence|all rights reserved|SPDX", re.I)
+_C_COMMENT = re.compile(r"/\*(.*?)\*/|//(.*?)$", re.DOTALL | re.MULTILINE)
+_BANNER = re.compile(r"copyright|license|licence|all rights reserved|SPDX", re.IGNORECASE)
 
 
 def _read_comments() -> tuple[str, list[tuple[str, str]]] | None:
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
         return None
-    root = Path(list(spec.submodule_search_locations)[0]) / "include"
+    root = Path(next(iter(spec.submodule_search_locations))) / "include"
     files = sorted(p for d in ("c10", "ATen/core") for p in (root / d).rglob("*.h")) if root.is_dir() else []
     if not files:
         return None
@@ -220,7 +220,7 @@ def _read_comments() -> tuple[str, list[tuple[str, str]]] | None:
         last_end = -1
         for m in _C_COMMENT.finditer(src):
             raw = m.group(1) if m.group(1) is not None else m.group(2)
-            raw = re.sub(r"^\s*\*+ ?", "", raw, flags=re.M).strip("/*! \n")
+            raw = re.sub(r"^\s*\*+ ?", "", raw, flags=re.MULTILINE).strip("/*! \n")
             contiguous = last_end >= 0 and src.count("\n", last_end, m.start()) <= 1 and not src[last_end:m.start()].strip()
             if not contiguous and para:
                 items.append((f"{path.relative_to(root)}#{k}", _clean(" ".join(para))))
@@ -268,7 +268,7 @@ def _split_of(bucket: int) -> str:
     return "heldout" if bucket == 0 else ("train" if bucket == 1 else "calib")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _domain_items(domain: str) -> tuple[str, dict[str, tuple[str, ...]]] | None:
     """(source, {split: texts sorted by key}) of one domain, or None when its package is missing."""
     got = _READERS[domain]()
