@@ -51,6 +51,9 @@ def optimize(model: PathLike, output: PathLike | None, config: OptimizeConfig | 
     ``recipe``: a ``<output>.recipe.json`` of an earlier run; its permutations are replayed instead of learned and its
     options are used where ``config`` leaves them ``None`` (:func:`replay`).
     """
+    from permsparse.data.kinds import model_file
+
+    model = model_file(model)  # an export folder: its model.onnx (tokenizer beside it)
     if recipe is not None:
         return replay(model, output, recipe, config)
     _sweep_stale_temp()
@@ -64,8 +67,10 @@ def replay(model: PathLike, output: PathLike | None, recipe: PathLike, config: O
     Options given in ``config`` win over the recorded ones, except those that decide the permutation units (policy,
     pattern, prune_head, exclude), which must agree with the recipe (:func:`permsparse.recipe.replay_config`).
     """
+    from permsparse.data.kinds import model_file
     from permsparse.recipe import check_input, read_recipe, replay_config
 
+    model = model_file(model)
     doc = read_recipe(recipe)
     cfg = replay_config(doc, config)
     cfg.resolved()  # contradictions fail here, before any work
@@ -121,9 +126,10 @@ def _sweep_stale_temp() -> None:
 
 def inspect(model: PathLike, config: InspectConfig | None = None) -> InspectResult:
     """Weights, closures, fold status and N:M validity of every weight of ``model`` (read-only)."""
+    from permsparse.data.kinds import model_file
     from permsparse.inspection import inspect_model
 
-    return inspect_model(model, config)
+    return inspect_model(model_file(model), config)
 
 
 def build(model: PathLike, engine: PathLike, config: BuildConfig | None = None) -> BuildReport:

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, metavar="DATA",
                    help="calibration data: text file, .json/.jsonl, folder of .txt, token ids (.npy/.txt), images "
                         "(default: built-in real Wikipedia text for text models)")
-    p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration examples (default 32; 128 for text encoders)")
+    p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration examples (default 128)")
     p.add_argument("--calib-seq-len", type=_positive_int, default=None, help="tokens per example (default 128)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder (default: the one beside the model, else the built-in one)")

@@ -78,7 +78,8 @@ class OptimizeConfig:
         exclude: regular expressions of weights kept dense.
         shapes: input shapes for analysis and checks (the ``opt`` shape is used).
         calib: calibration source (file/folder); default: built-in real text for text models.
-        calib_samples / calib_seq_len: calibration examples and tokens per example; default 32 / 128.
+        calib_samples / calib_seq_len: calibration examples and tokens per example; default 128 / 128 (16 k
+            tokens of the built-in text mix: bench/results/calibration-smollm2.md).
         tokenizer: tokenizer folder for text calibration; default: beside the model, else the built-in one.
         seed: seed of every random choice; default 0.
         rtol: tolerance of the fold check; default 1e-4.
@@ -158,7 +159,7 @@ class OptimizeConfig:
             mask=True if self.mask is None else bool(self.mask),
             prune_head=bool(self.prune_head),
             exclude=tuple(self.exclude or ()),
-            calib_samples=32 if self.calib_samples is None else int(self.calib_samples),
+            calib_samples=128 if self.calib_samples is None else int(self.calib_samples),
             calib_seq_len=128 if self.calib_seq_len is None else int(self.calib_seq_len),
             seed=0 if self.seed is None else int(self.seed),
             rtol=DEFAULT_RTOL if self.rtol is None else float(self.rtol),

@@ -72,10 +72,12 @@ def test_vit_defaults_and_block_check(exported, tmp_path):
 
 def test_tuning_and_joint_block_learner_keep_the_fold_exact(exported, tmp_path):
     src = exported("llama", "legacy")
-    tuned = optimize(src, tmp_path / "t.onnx", OptimizeConfig(finetune_epochs=1, finetune_lr=1e-4, progress=False))
+    # calibration pinned to the old 32 windows: tuning time grows with the windows, and this test is about the fold
+    tuned = optimize(src, tmp_path / "t.onnx", OptimizeConfig(finetune_epochs=1, finetune_lr=1e-4, calib_samples=32,
+                                                              progress=False))
     assert tuned.equivalence.ok and sum(tuned.nm_valid.values()) == 14
     joint = optimize(src, tmp_path / "j.onnx", OptimizeConfig(objective="block", block_steps=3, reconstruct="none",
-                                                              progress=False))
+                                                              calib_samples=32, progress=False))
     assert joint.equivalence.ok and sum(joint.nm_valid.values()) == 14
     assert _n_valid(tmp_path / "j.onnx") == 14
 
