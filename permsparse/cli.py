@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="weights' type of an hf export (default float32)")
     p.set_defaults(func=verbs._cmd_export)
+
+    from permsparse.recover.cli import add_parser as add_recover  # the recover verb lives in its package
+
+    add_recover(sub, _common)
     return parser
 
 
