@@ -43,16 +43,18 @@ class ExportConfig:
 
 def optimize(model: PathLike, output: PathLike | None, config: OptimizeConfig | None = None) -> OptimizeResult:
     """Analyze, calibrate, learn permutations, fold, mask, verify and write ``output`` (see :mod:`permsparse.pipeline`)."""
+    from permsparse.data.kinds import model_file
     from permsparse.pipeline import optimize as run
 
-    return run(model, output, config)
+    return run(model_file(model), output, config)  # an export folder: its model.onnx (tokenizer beside it)
 
 
 def inspect(model: PathLike, config: InspectConfig | None = None) -> InspectResult:
     """Weights, closures, fold status and N:M validity of every weight of ``model`` (read-only)."""
+    from permsparse.data.kinds import model_file
     from permsparse.inspection import inspect_model
 
-    return inspect_model(model, config)
+    return inspect_model(model_file(model), config)
 
 
 def build(model: PathLike, engine: PathLike, config: BuildConfig | None = None) -> BuildReport:

@@ -73,5 +73,5 @@ def evaluate_quality(src: Path, output: Path, result: Any, work: Path) -> dict[s
         "plain": evaluate_drift(str(src), str(plain), feeds, progress=False),
         "result": evaluate_drift(str(src), str(output), feeds, progress=False),
         "heldout": {"examples": sum(int(np.shape(next(iter(f.values())))[0]) for f in feeds),
-                    "source": "built-in held-out split (Wikipedia text; random images for image models)"},
+                    "source": "built-in held-out split (text mix of wiki, news, film, manuals, comments; random images for image models)"},
     }

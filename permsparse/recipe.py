@@ -34,7 +34,7 @@ def write_recipe(result: Any, src: Path, dst: Path) -> Path:
         "input": str(src.name),
         "input_sha256": result.input_sha256,
         "options": cfg.to_dict(),
-        "calibration": cfg.calib or ("built-in Wikipedia text" if cfg.needs_calibration else None),
+        "calibration": cfg.calib or ("built-in text mix (wiki, news, film, manuals, comments)" if cfg.needs_calibration else None),
         "units": {name: [int(x) for x in perm] for name, perm in result.perms.items()},
     }
     return atomic_write_text(recipe_path(dst), json.dumps(doc, indent=1) + "\n")

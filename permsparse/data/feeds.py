@@ -7,7 +7,8 @@ Builders return lists of feeds (re-iterable, so evaluation can run a dense and a
   ``token_type_ids``: only those the model has, in its integer dtype).
 - :func:`token_feeds` / :func:`read_token_ids`: decoders fed pre-tokenized ids (``.npy [N, S]`` or a text file of
   whitespace-separated ints per line).
-- :func:`lm_text_feeds`: decoders fed text: the texts are tokenized, concatenated and cut into ``seq_len`` windows.
+- :func:`lm_text_feeds` / :func:`lm_token_windows`: decoders fed text: the texts are tokenized as the model's own
+  tokenizer says (its BOS leads every window when it adds one; no chat template), concatenated and cut into windows.
 - :func:`byte_token_ids`: a tokenizer-free fallback mapping text bytes to ids modulo the vocabulary (structure tests).
 - :func:`make_feeds`: picks the builder from the model's inputs and the source; images: :mod:`.images`.
 
@@ -31,17 +32,19 @@ from permsparse.data.kinds import (
     KINDS,
     batches_static,
     load_header,
+    model_file,
     model_inputs,
     model_kind,
     vocab_size,
 )
 from permsparse.data.kinds import ids_spec as find_ids
 from permsparse.data.text import (
-    builtin_texts,
     ensure_pad,
     find_tokenizer,
     load_tokenizer,
     read_texts,
+    require_texts,
+    special_affixes,
 )
 from permsparse.errors import PermsparseError
 from permsparse.ir.inputs import InputSpec
@@ -186,11 +189,22 @@ def _windows(stream: np.ndarray, seq_len: int, samples: int | None, what: str) -
     n = stream.shape[0] // seq_len
     if samples is not None:
         if n < samples:
-            logger.warning("%s gives only %d windows of %d tokens (asked for %d)", what, n, seq_len, samples)
+            logger.warning(
+                "%s give only %d windows of %d tokens (%d asked for): %s", what, n, seq_len, samples,
+                _MORE_TEXT if n else "none at all",
+            )
         n = min(n, samples)
     if n == 0:
-        raise PermsparseError(f"{what} has fewer than seq_len={seq_len} tokens; give more data or a smaller seq_len")
+        raise PermsparseError(
+            f"{what} hold fewer than {seq_len} tokens ({stream.shape[0]}), not one window; {_MORE_TEXT}"
+        )
     return stream[: n * seq_len].reshape(n, seq_len)
+
+
+_MORE_TEXT = (
+    "give more text (--calib FILE|DIR: a .txt with one text per line, .jsonl with a \"text\" field, or a folder of "
+    "them; or the built-in mix: no --calib), or ask for fewer or shorter windows (--calib-samples, --calib-seq-len)"
+)
 
 
 def token_feeds(
@@ -230,6 +244,37 @@ def token_feeds(
     return [_complete_feed(specs, arr[i : i + bsz], None) for i in range(0, arr.shape[0], bsz)]
 
 
+def lm_token_windows(
+    texts: Sequence[str], tokenizer: Any, seq_len: int = 128, samples: int | None = None, what: str = "the texts"
+) -> np.ndarray:
+    """``[N, seq_len]`` token windows of ``texts`` as the model's own tokenizer says: each text tokenized without
+    special tokens, the texts joined by the tokenizer's own end-of-text suffix (else its EOS), the stream cut into
+    windows of ``seq_len - len(prefix)`` tokens, and each window led by the special prefix the tokenizer puts before
+    a text (its BOS when it adds one: ``add_bos_token`` or its post-processor template; nothing for GPT-2, SmolLM2 or
+    Qwen). No chat template. At most ``samples`` windows (fewer, with a warning saying how to give more text)."""
+    tok = load_tokenizer(tokenizer)
+    prefix, suffix = special_affixes(tok)
+    eos = getattr(tok, "eos_token_id", None)
+    sep = list(suffix) if suffix else ([] if eos is None else [int(eos)])
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise PermsparseError(f"seq_len={seq_len} leaves no room after the tokenizer's {len(prefix)} leading special tokens")
+    parts = []
+    need = None if samples is None else samples * body
+    have = 0
+    for text in texts:
+        ids = list(tok(str(text), add_special_tokens=False)["input_ids"]) + sep
+        parts.append(np.asarray(ids, dtype=np.int64))
+        have += len(ids)
+        if need is not None and have >= need:
+            break
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    win = _windows(stream, body, samples, what)
+    if prefix:
+        win = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int64), (win.shape[0], len(prefix))), win], axis=1)
+    return win
+
+
 def lm_text_feeds(
     model: onnx.ModelProto | str | os.PathLike,
     texts: Sequence[str],
@@ -238,23 +283,14 @@ def lm_text_feeds(
     seq_len: int = 128,
     samples: int | None = None,
 ) -> list[Feed]:
-    """Decoder feeds from text: tokenize each text (with the model's tokenizer), join with EOS, cut ``seq_len``
-    windows (at most ``samples``), no padding."""
-    tok = load_tokenizer(tokenizer)
-    eos = getattr(tok, "eos_token_id", None)
-    parts = []
-    need = None if samples is None else samples * seq_len
-    have = 0
-    for text in texts:
-        ids = tok(str(text), add_special_tokens=False)["input_ids"]
-        parts.append(np.asarray(ids, dtype=np.int64))
-        if eos is not None:
-            parts.append(np.asarray([eos], dtype=np.int64))
-        have += len(ids) + (eos is not None)
-        if need is not None and have >= need:
-            break
-    stream = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    return token_feeds(model, _windows(stream, seq_len, samples, "the tokenized texts"), batch_size, seq_len)
+    """Decoder feeds from text: :func:`lm_token_windows` (tokenized as the model's tokenizer says, BOS-led when it
+    adds a BOS), at most ``samples`` windows of ``seq_len`` tokens, no padding."""
+    ids = find_ids(model_inputs(model))
+    static_s = ids.static(1) if ids is not None else None
+    if static_s is not None:
+        seq_len = static_s
+    return token_feeds(model, lm_token_windows(texts, tokenizer, seq_len, samples, "the tokenized texts"),
+                       batch_size, seq_len)
 
 
 def byte_token_ids(texts: Sequence[str], vocab: int, seq_len: int = 128, samples: int | None = None) -> np.ndarray:
@@ -307,10 +343,12 @@ def make_feeds(
     """Feeds for ``model`` from ``source``, choosing the builder from the model's inputs and the source.
 
     Args:
-        source: ``None`` (or ``"builtin"``): built-in Wikipedia texts (``split``) for text models, random images for
-            image models (a warning says they are random); a text file (one text per line), ``.json``/``.jsonl``, or
-            a folder of ``.txt``; a token-id file (``.npy`` int or lines of ints); a folder of images or a ``.npy``
-            float array for image models.
+        source: ``None`` (or ``"builtin"``/``"mix"``): the built-in mix of real text of several domains
+            (:func:`permsparse.data.corpus.mix`, ``split``) for text models, random images for image models (a
+            warning says they are random); one built-in domain by name (:data:`BUILTIN_SOURCES`, e.g. ``"wiki"``);
+            a text file (one text per line), ``.json``/``.jsonl`` (a ``"text"`` field per record), or a folder of
+            them; a token-id file (``.npy`` int or lines of ints); a folder of images or a ``.npy`` float array for
+            image models. An empty text source is refused.
         kind: ``auto`` (from the model), ``text`` (encoder), ``lm`` (decoder windows) or ``image``.
         samples: examples (texts, token windows, images) to produce at most.
         seq_len: max tokens per text (encoders) or window length (decoders).
@@ -318,19 +356,26 @@ def make_feeds(
             export folder), else all-MiniLM-L6-v2's for BERT-uncased-vocabulary encoders (30522 ids), else byte ids
             modulo the vocabulary for decoders (structure only; a warning says so).
         seed: order of built-in texts and random images.
-        split: ``calib`` or ``heldout`` for built-in texts (use ``heldout`` for evaluation).
+        split: ``calib``, ``train`` or ``heldout`` for built-in texts (use ``heldout`` for evaluation).
     """
     if kind not in KINDS:
         raise PermsparseError(f"unknown data kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if isinstance(model, (str, os.PathLike)):
+        model = model_file(model)  # an export folder: its model, with the tokenizer beside it
     header = load_header(model)
     k = model_kind(header) if kind == "auto" else kind
     if tokenizer_dir is None and isinstance(model, (str, os.PathLike)) and k != "image":
         tokenizer_dir = find_tokenizer(model)
         if tokenizer_dir is not None:
             logger.info("using the tokenizer beside the model: %s", tokenizer_dir)
-    path = None if source is None or str(source) in ("builtin", "wiki") else Path(source)
+    named = None if source is None else str(source)
+    builtin = named is None or named in BUILTIN_SOURCES
+    path = None if builtin else Path(named)
     if path is not None and not path.exists():
-        raise PermsparseError(f"calibration source {str(path)!r} does not exist")
+        raise PermsparseError(
+            f"calibration source {str(path)!r} does not exist; give a file or folder, or one of the built-in "
+            f"sources: {', '.join(BUILTIN_SOURCES)}"
+        )
     if k == "image":
         return image_feeds(header, path, batch_size, samples, seed=seed)
     if path is not None and (path.suffix == ".npy" or path.is_dir()) and _is_image_source(path):
@@ -338,7 +383,8 @@ def make_feeds(
     if path is not None and path.is_file() and _looks_like_ids(path):
         return token_feeds(header, path, batch_size, seq_len if k == "lm" else None, samples)
     if k == "lm":
-        texts = builtin_texts(max(samples * seq_len // 40, 64), split, seed) if path is None else read_texts(path)
+        texts = builtin_source_texts(named, split, seed, words=samples * seq_len) if path is None else \
+            require_texts(read_texts(path), path)
         if tokenizer_dir is None:
             vocab = vocab_size(header)
             if vocab is None:
@@ -349,13 +395,33 @@ def make_feeds(
             )
             return token_feeds(header, byte_token_ids(texts, vocab, seq_len, samples), batch_size, seq_len)
         return lm_text_feeds(header, texts, tokenizer_dir, batch_size, seq_len, samples)
-    texts = builtin_texts(samples, split, seed) if path is None else read_texts(path)[:samples]
+    texts = builtin_source_texts(named, split, seed, n=samples) if path is None else \
+        require_texts(read_texts(path), path)[:samples]
     if tokenizer_dir is None and vocab_size(header) not in (None, BERT_UNCASED_VOCAB):
         raise PermsparseError(
             f"no tokenizer for this encoder (vocabulary {vocab_size(header)}): none beside the model file and the "
             "default (all-MiniLM-L6-v2's, 30522 ids) does not fit; pass --tokenizer DIR"
         )
     return text_feeds(header, texts, tokenizer_dir, batch_size, seq_len)
+
+
+#: ``--calib`` names of built-in text: the default mix of domains, or one domain of :mod:`permsparse.data.corpus`.
+BUILTIN_SOURCES: tuple[str, ...] = ("builtin", "mix", "wiki", "news", "film", "manuals", "comments", "parliament")
+
+
+def builtin_source_texts(name: str | None, split: str, seed: int, *, words: int | None = None,
+                         n: int | None = None) -> list[str]:
+    """Texts of a built-in source (:data:`BUILTIN_SOURCES`; ``None``/``builtin``/``mix``: the default mix of
+    :func:`permsparse.data.corpus.mix`): about ``words`` words (decoder windows) or ``n`` texts (encoders)."""
+    from permsparse.data import corpus
+
+    if split not in corpus.SPLITS:
+        raise PermsparseError(f"unknown split {split!r}; choose one of {', '.join(corpus.SPLITS)}")
+    if name in (None, "builtin", "mix"):
+        got = corpus.mix(split, words=words, seed=seed)
+    else:
+        got = corpus.texts(name, split, seed=seed)
+    return got[:n] if n is not None else got
 
 
 def _is_image_source(path: Path) -> bool:

@@ -21,10 +21,35 @@ KINDS: tuple[str, ...] = ("auto", "text", "lm", "image")
 
 
 
+#: Model files of an export folder, in the order they are preferred: Optimum's ``model.onnx`` (encoders, and decoders
+#: of recent Optimum), then the decoder without a KV cache of older Optimum decoder exports.
+EXPORT_FOLDER_MODELS: tuple[str, ...] = ("model.onnx", "decoder_model.onnx")
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """The ONNX file of ``path``: the file itself, or for an export folder (Optimum / HF layout: an ``.onnx`` beside
+    ``config.json`` and the tokenizer files) its ``model.onnx``, else ``decoder_model.onnx``, else its only ``.onnx``.
+    The tokenizer is then found beside that file (:func:`permsparse.data.text.find_tokenizer`)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    for name in EXPORT_FOLDER_MODELS:
+        if (p / name).is_file():
+            return p / name
+    found = sorted(q.name for q in p.glob("*.onnx") if q.is_file())
+    if len(found) == 1:
+        return p / found[0]
+    if not found:
+        raise PermsparseError(f"{p} is a folder with no .onnx model; give the path of an .onnx file or an export folder")
+    raise PermsparseError(
+        f"{p} holds several models ({', '.join(found[:6])}) and no model.onnx; give the path of the one to use"
+    )
+
+
 def load_header(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
-    path = Path(model)
+    path = model_file(model)
     if not path.is_file():
         raise PermsparseError(f"model file {str(path)!r} does not exist")
     return onnx.load(str(path), load_external_data=False)

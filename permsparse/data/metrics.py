@@ -2,7 +2,8 @@
 
 - :func:`output_drift`: cosine similarity (mean over rows of the last axis) and relative Frobenius error.
 - :func:`mean_pooled_cosine`: cosine of mean-pooled sentence embeddings (as sentence-transformers pools MiniLM).
-- :func:`causal_lm_cross_entropy`: next-token cross-entropy of a decoder's logits (perplexity = exp(CE)).
+- :func:`causal_lm_cross_entropy`: next-token cross-entropy of a decoder's logits (perplexity = exp(CE));
+  :func:`perplexity`: one decoder's perplexity over feeds.
 - :func:`evaluate_drift`: runs a dense and a sparse ONNX model over the same feeds with onnxruntime (one session at a
   time; the dense outputs wait on disk in a temp folder) and returns all of the above.
 """
@@ -122,6 +123,36 @@ def causal_lm_cross_entropy(logits: np.ndarray, input_ids: np.ndarray, attention
     if count == 0:
         raise PermsparseError("no next-token pairs to score: sequences need at least 2 unpadded tokens")
     return total / count
+
+
+def perplexity(
+    model: str | os.PathLike | onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    logits: str | None = None,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """Next-token perplexity of one decoder over ``feeds`` (as :func:`evaluate_drift` scores it, without running a
+    second model): ``{"ce", "ppl", "tokens"}``. ``logits``: the output to score (default: the first whose name holds
+    ``logits``). Feeds built by :func:`permsparse.data.feeds.make_feeds` are tokenized as the model's tokenizer says
+    (BOS-led windows when it adds a BOS), so the first scored pair predicts the first text token from the BOS."""
+    sess = _session(model)
+    try:
+        name = logits or next((n for n in sess.output_names if "logits" in n), None)
+        if name is None:
+            raise PermsparseError(f"the model has no logits output (outputs: {list(sess.output_names)[:5]})")
+        total, count = 0.0, 0
+        for feed, (out,) in _run_all(sess, feeds, [name], "perplexity", progress):
+            m = feed.get("attention_mask")
+            t, c = _ce_sums(out, feed["input_ids"], None if m is None or np.ndim(m) != 2 else np.asarray(m))
+            total += t
+            count += c
+    finally:
+        sess.close()
+    if count == 0:
+        raise PermsparseError("no next-token pairs to score: give evaluation windows of at least 2 tokens")
+    ce = total / count
+    return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "tokens": count}
 
 
 def _session(model: str | os.PathLike | onnx.ModelProto) -> Session:

@@ -154,29 +154,63 @@ def builtin_texts(n: int, split: str = "calib", seed: int = 0) -> list[str]:
     return [pool[i] for i in order[:n]]
 
 
+TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".json")
+
+
+def _record_text(rec: Any, path: Path, where: str) -> str:
+    if isinstance(rec, str):
+        return rec
+    if isinstance(rec, dict):
+        if "text" not in rec:
+            raise PermsparseError(
+                f"{path}{where}: a JSON record without a \"text\" field (keys: {sorted(rec)[:6]}); give each record "
+                "a \"text\" field, or one text per line in a .txt file"
+            )
+        return str(rec["text"] or "")
+    raise PermsparseError(f"{path}{where}: expected a string or an object with a \"text\" field, got {type(rec).__name__}")
+
+
 def read_texts(path: Path) -> list[str]:
+    """The texts of a ``.txt`` (one text per non-empty line), a ``.jsonl`` (one JSON object with a ``"text"`` field,
+    or a JSON string, per line), a ``.json`` (a list of such records, or an object whose values are), or a folder
+    (every ``.txt``/``.jsonl``/``.json`` under it, in sorted path order). Empty texts are dropped; an empty result is
+    the caller's to refuse (:func:`require_texts`)."""
+    path = Path(path)
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise PermsparseError(f"no .txt files or images under {str(path)!r}")
+            raise PermsparseError(
+                f"no .txt, .jsonl or .json files under {str(path)!r}; --calib DIR takes a folder of text files "
+                "(one text per line, or JSON lines with a \"text\" field)"
+            )
         return [t for f in files for t in read_texts(f)]
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PermsparseError(f"{path}: not valid JSON text ({exc})") from None
         if isinstance(data, dict):
-            data = list(data.values())
-        out = [d if isinstance(d, str) else d.get("text", "") for d in data if isinstance(d, (str, dict))]
-        return [t for t in out if t]
-    if path.suffix == ".jsonl":
+            data = [data] if "text" in data else list(data.values())
+        if not isinstance(data, list):
+            raise PermsparseError(f"{path}: expected a list of texts or of objects with a \"text\" field")
+        out = [_record_text(d, path, f"[{i}]") for i, d in enumerate(data)]
+        return [t.strip() for t in out if t.strip()]
+    if path.suffix.lower() == ".jsonl":
+        out = []
         try:
             with open(path, encoding="utf-8") as f:
-                recs = [json.loads(line) for line in f if line.strip()]
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PermsparseError(f"{path}: not valid JSON lines ({exc})") from None
-        return [r if isinstance(r, str) else r.get("text", "") for r in recs if r]
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise PermsparseError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                    out.append(_record_text(rec, path, f":{lineno}"))
+        except UnicodeDecodeError:
+            raise PermsparseError(f"{path} is not UTF-8 text") from None
+        return [t.strip() for t in out if t.strip()]
     try:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
@@ -185,3 +219,29 @@ def read_texts(path: Path) -> list[str]:
             f"{path} is not UTF-8 text; --calib takes a text file (one text per line), .json/.jsonl, a folder of "
             ".txt, token ids (.npy of integers, or lines of integers), or images"
         ) from None
+
+
+def require_texts(texts: list[str], path: Path) -> list[str]:
+    """``texts`` when there are any, else the one-line error for an empty ``--calib`` source."""
+    if not texts:
+        raise PermsparseError(
+            f"calibration source {str(path)!r} holds no text (empty, or only blank lines / empty \"text\" fields); "
+            "give a .txt with one text per line, a .jsonl with a \"text\" field per line, or a folder of them"
+        )
+    return texts
+
+
+def special_affixes(tok: Any) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer itself puts before and after a text, as its own configuration says
+    (``add_bos_token``/``add_eos_token``, or the post-processor template of a ``tokenizer.json``): e.g. ``[bos]`` and
+    ``[]`` for LLaMA/Gemma, ``[]`` and ``[]`` for GPT-2/SmolLM2/Qwen, ``[CLS]`` and ``[SEP]`` for BERT. Found by
+    tokenizing a probe text with and without special tokens; no chat template is ever applied."""
+    probe = "The quick brown fox."
+    plain = list(tok(probe, add_special_tokens=False)["input_ids"])
+    full = list(tok(probe, add_special_tokens=True)["input_ids"])
+    n = len(plain)
+    for start in range(len(full) - n + 1):
+        if full[start : start + n] == plain:
+            return full[:start], full[start + n :]
+    logger.warning("could not tell which special tokens the tokenizer adds; adding none")
+    return [], []
