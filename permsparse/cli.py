@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, default=None, metavar="FILE",
                    help="replay a recipe.json written by an earlier run (same options and permutations)")
     _shapes(p, "shapes for analysis and checks")
+    from permsparse.recover.cli import add_recover_options  # --recover-steps/--recover-minutes/...
+
+    add_recover_options(p, verb=False)
     p.set_defaults(func=verbs._cmd_optimize)
 
     p = sub.add_parser("inspect", help="weights, closures, fold status and N:M validity")

@@ -222,3 +222,20 @@ def test_recovery_runs_on_cuda(tiny_pair, tmp_path):
     # same data, same steps: held-out scores agree within float32 reduction-order noise
     for a, b in zip(cpu.curve, gpu.curve):
         assert a["score"] == pytest.approx(b["score"], rel=1e-3)
+
+
+def test_optimize_recover_steps_records_the_recovery(exported, tmp_path, capsys):
+    dense = exported("llama", "legacy")
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(dense), "-o", str(out), *FAST, "--json", "--recover-steps", "3",
+                 "--recover-lr", "1e-3"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rec = doc["recovery"]
+    assert rec["steps"] == 3 and rec["tokens"] > 0 and len(rec["data_sha256"]) == 64 and len(rec["curve"]) >= 2
+    recipe = json.loads(Path(str(out) + ".recipe.json").read_text()) if Path(str(out) + ".recipe.json").exists() \
+        else json.loads(next(tmp_path.glob("*.recipe.json")).read_text())
+    assert recipe["recovery"]["steps"] == 3 and recipe["options"]["recover"]["steps"] == 3
+    model = onnx.load(str(out))
+    sparse = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("onnx::MatMul")]
+    assert sparse and all(check_nm(w, 0, 2, 4) for w in sparse if (w == 0).mean() >= 0.5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".permsparse")]

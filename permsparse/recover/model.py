@@ -80,7 +80,7 @@ def load_proto(path: Path) -> onnx.ModelProto:
 
 
 def analyze_teacher(teacher: Path):
-    """``(plan, block plan)`` of the dense teacher (the optimize pipeline's own load → probe → analyze → partition)."""
+    """``(plan, block plan or None)`` of the dense teacher (the optimize pipeline's own load → probe → analyze → partition)."""
     from permsparse import steps
     from permsparse.config import OptimizeConfig
     from permsparse.passes.blocks import partition
@@ -91,10 +91,8 @@ def analyze_teacher(teacher: Path):
     steps.analyze_graph(run)
     bp = partition(run.graph, run.plan)
     if bp is None:
-        raise PermsparseError(
-            f"{teacher}: no Transformer blocks found (no residual-stream tensor cuts the graph); recovery runs block "
-            "by block with activation checkpointing and needs them"
-        )
+        log.warning("%s: no Transformer blocks found (no residual-stream tensor cuts the graph): recovery runs the "
+                    "whole model without activation checkpointing and without the per-block term", teacher)
     return run.plan, bp
 
 
@@ -165,7 +163,7 @@ def build_pieces(model: onnx.ModelProto, base: Path, bp, *, upcast: bool, device
     ins, outs = graph_inputs(model), [o.name for o in model.graph.output]
     cfg = ProgramConfig(upcast=upcast, device=str(device))
     made: list[Piece] = []
-    for label, pins, pouts in bp.pieces(ins, outs):
+    for label, pins, pouts in (bp.pieces(ins, outs) if bp is not None else [("whole model", ins, outs)]):
         unknown = [t for t in [*pins, *pouts] if not index.known(t)]
         if unknown:
             raise PermsparseError(

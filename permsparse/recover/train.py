@@ -192,7 +192,8 @@ class Recovery:
     def _teacher_outputs(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             outs, hidden = run_pieces(self.teacher, _to(feed, self.device), {}, checkpoint=False)
-        rec: dict[str, torch.Tensor] = {"hidden": torch.stack([h.float() for h in hidden]).half().cpu()}
+        rec: dict[str, torch.Tensor] = {
+            "hidden": torch.stack([h.float() for h in hidden]).half().cpu() if hidden else torch.zeros(0)}
         if self.decoder:
             logp = torch.log_softmax(outs[self.logits].float(), dim=-1)
             top, idx = logp.topk(min(self.cfg.top_k, logp.shape[-1]), dim=-1)
