@@ -16,7 +16,7 @@ DEFAULTS = dict(
     top_k=64, seed=0, progress=True, max_windows=4096,
 )
 DEFAULT_STEPS = 100  # when neither steps nor minutes is given
-DEFAULT_LR = {"all": 2e-5, "norms": 1e-3}  # AdamW peak learning rate per --recover-params
+DEFAULT_LR = {"all": 5e-5, "norms": 1e-3}  # AdamW peak learning rate per --recover-params
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class RecoverConfig:
     steps: int | None = None  # optimizer steps (default 100 unless ``minutes`` is given)
     minutes: float | None = None  # wall-clock budget instead of (or capping) steps
     params: str | None = None  # "all": kept weights + biases + norms; "norms": only norms and biases (PERP)
-    lr: float | None = None  # AdamW peak learning rate (default 2e-5 for all, 1e-3 for norms)
+    lr: float | None = None  # AdamW peak learning rate (default 5e-5 for all, 1e-3 for norms)
     device: str | None = None  # cpu (default) | cuda | auto
     calib: str | None = None  # training text: a .txt / .jsonl / .json file or a folder of .txt (default: built-in)
     tokenizer: str | None = None  # the model's tokenizer folder (default: beside the model)
@@ -34,7 +34,7 @@ class RecoverConfig:
     batch_size: int | None = None  # sequences per step (default 4)
     seq_len: int | None = None  # tokens per sequence (default 128)
     stop_samples: int | None = None  # sequences of the early-stopping slice (never trained on; default 16)
-    eval_every: int | None = None  # steps between held-out evaluations (default: 8 evaluations per run)
+    eval_every: int | None = None  # steps between held-out evaluations (default: 4 evaluations per run)
     warmup: float | None = None  # share of the run spent warming the learning rate up (default 0.05)
     weight_decay: float | None = None  # AdamW weight decay (default 0)
     hidden_weight: float | None = None  # weight of the per-block hidden-state term (default 1)

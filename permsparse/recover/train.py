@@ -40,6 +40,9 @@ from permsparse.recover.model import Pieces, Trainable
 
 log = logging.getLogger(__name__)
 
+#: held-out evaluations per run (besides the one before training), when ``eval_every`` is not given
+EVALS = 4
+
 
 @dataclass
 class Point:
@@ -321,8 +324,8 @@ class Recovery:
         total = cfg.steps
         n_train = len(self.data.train)
         batch_tokens = self.data.tokens / max(1, n_train)
-        eval_every = cfg.eval_every or (max(1, (total or 10**9) // 8) if total else None)
-        eval_period = None if eval_every else (budget or 60.0) / 8.0
+        eval_every = cfg.eval_every or (max(1, total // EVALS) if total else None)
+        eval_period = None if eval_every else (budget or 60.0) / EVALS
 
         state = self.load() if cfg.work_dir else None
         if state is not None:
