@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--dense", type=Path, required=True)
     ap.add_argument("--sparse", type=Path, required=True)
     ap.add_argument("--minutes", default="5,10", help="chained recovery budgets in minutes")
+    ap.add_argument("--steps", default=None, help="chained recovery budgets in steps instead of minutes")
     ap.add_argument("--params", default="all", choices=("all", "norms"))
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--samples", type=int, default=16, help="held-out windows per domain")
@@ -66,11 +67,13 @@ def main() -> None:
             with open(log, "a") as f:
                 f.write(json.dumps(r) + "\n")
     student, total = args.sparse, 0.0
-    for i, m in enumerate(float(x) for x in args.minutes.split(",")):
+    budgets = [("steps", int(x)) for x in args.steps.split(",")] if args.steps else \
+        [("minutes", float(x)) for x in args.minutes.split(",")]
+    for i, (unit, b) in enumerate(budgets):
         out = args.work / f"recovered-{args.params}-{i}.onnx"
         t0 = time.perf_counter()
-        res = recover(student, args.dense, out, RecoverConfig(minutes=m, params=args.params, lr=args.lr))
-        total += m
+        res = recover(student, args.dense, out, RecoverConfig(**{unit: b}, params=args.params, lr=args.lr))
+        total += (time.perf_counter() - t0) / 60.0 if unit == "steps" else b
         r = {"row": f"recovery {args.params}", "minutes": total, "wall_s": time.perf_counter() - t0,
              "steps": res.steps, "tokens": res.tokens, "lr": res.lr, "improved": res.improved,
              "best_step": res.best_step, "stop_ppl_before": res.heldout_before, "stop_ppl_best": res.heldout_best,
@@ -89,5 +92,35 @@ def main() -> None:
                         f"{r.get('peak_rss_mb', 0):.0f} |\n")
 
 
+def plot(log: Path, png: Path) -> Path:
+    """Held-out perplexity vs recovery minutes (in-domain and out-of-domain), dense as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+    pts = sorted((r for r in rows if r["minutes"] is not None), key=lambda r: r["minutes"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d, c in (("wiki", "tab:blue"), (corpus.OUT_OF_DOMAIN, "tab:red")):
+        ax.plot([r["minutes"] for r in pts], [r[d] for r in pts], "o-", color=c, label=f"recovered, {d} held-out")
+        if dense is not None:
+            ax.axhline(dense[d], color=c, ls="--", lw=1, label=f"dense, {d}")
+    ax.set_xlabel("recovery minutes (wall clock, contended 2-core CPU)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M 2:4: recovery from the one-shot defaults")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return png
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "plot":  # python bench/recovery.py plot LOG.jsonl OUT.png
+        print(plot(Path(sys.argv[2]), Path(sys.argv[3])))
+    else:
+        main()
