@@ -107,24 +107,33 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     n, m = _pattern(student)
     plan, bp = analyze_teacher(teacher_path)
     trainable = find_trainable(student, src.parent, plan, n, m, cfg.params)
-    tensors = {k: torch.tensor(v[0], device=device).requires_grad_() for k, v in trainable.masked.items()}
-    tensors.update({k: torch.tensor(v, device=device).requires_grad_() for k, v in trainable.free.items()})
+    # trained in place: on the CPU the tensors share memory with the values read from the student
+    tensors = {k: torch.from_numpy(v[0]).to(device).requires_grad_() for k, v in trainable.masked.items()}
+    tensors.update({k: torch.from_numpy(v).to(device).requires_grad_() for k, v in trainable.free.items()})
     if not tensors:
         raise PermsparseError("nothing to train: no masked weight, bias or norm parameter found in the student")
     s_pieces = build_pieces(student, src.parent, bp, upcast=half_weights(student), device=device, tensors=tensors)
     t_pieces = build_pieces(teacher, teacher_path.parent, bp, upcast=half_weights(teacher), device=device)
     _check_same_model(s_pieces, t_pieces, data.stop[0], device, run_pieces)
+    from permsparse.data.kinds import ids_spec, model_inputs
+
+    spec = ids_spec(model_inputs(student))
+    ids_name = spec.name if spec is not None else None
+    del student, teacher  # the pieces keep what they need until every constant is cached (Pieces.release)
     fp = fingerprint(src.stat().st_size, src.stat().st_mtime_ns, teacher_path.stat().st_size, data.sha256,
                      {k: v for k, v in vars(cfg).items() if k not in ("progress", "work_dir", "device")})
+    n_masked = len(trainable.masked)
+    n_values = int(sum(int(np.asarray(v[1]).sum()) for v in trainable.masked.values())
+                   + sum(v.size for v in trainable.free.values()))
     t0 = time.perf_counter()
     with work_dir(dst.parent, "recover") as tmp:
         work = Path(cfg.work_dir) if cfg.work_dir else tmp
         work.mkdir(parents=True, exist_ok=True)
-        rec = Recovery(s_pieces, t_pieces, trainable, tensors, data, cfg, device, work, fp, student)
+        rec = Recovery(s_pieces, t_pieces, trainable, tensors, data, cfg, device, work, fp, ids_name)
         result = rec.run()
         del rec, s_pieces, t_pieces
         improved = result.best_step > 0
-        values = result.values if improved else {k: v[0] for k, v in trainable.masked.items()} | trainable.free
+        values = result.values if improved else {}  # not improved: the student's own values are written
         meta = {"teacher": teacher_path.name, "params": cfg.params, "steps": result.steps, "tokens": result.tokens,
                 "best_step": result.best_step, "data_sha256": data.sha256, "data": data.source}
         write_model(src, dst, values, trainable, n, m, meta)
@@ -132,9 +141,8 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     res = RecoverResult(
         dst, cfg.params, str(device), result.steps, result.tokens, time.perf_counter() - t0, metric,
         result.heldout_before, result.heldout_best if improved else result.heldout_before, result.best_step,
-        improved, len(tensors), int(sum(int(np.asarray(v[1]).sum()) for v in trainable.masked.values())
-                                     + sum(v.size for v in trainable.free.values())),
-        len(trainable.masked), data.source, data.sha256, cfg.lr, result.resumed_from, _peak_rss_mb(),
+        improved, len(tensors), n_values,
+        n_masked, data.source, data.sha256, cfg.lr, result.resumed_from, _peak_rss_mb(),
         [p.__dict__ for p in result.curve])
     log.info("recovery: held-out %s %.4g -> %.4g in %d steps (%d tokens, %.0f s)", metric, res.heldout_before,
              res.heldout_best, res.steps, res.tokens, res.seconds)

@@ -53,6 +53,12 @@ class Pieces:
     suffix: Piece | None
     graph_inputs: list[str]
     graph_outputs: list[str]
+    holder: dict = field(default_factory=dict)
+
+    def release(self) -> None:
+        """Forget the ONNX model once every piece has run (its constants are cached as torch tensors): the model's
+        weight bytes are then not held twice."""
+        self.holder["index"] = None
 
 
 @dataclass
@@ -153,12 +159,15 @@ def build_pieces(model: onnx.ModelProto, base: Path, bp, *, upcast: bool, device
 
     index = ModelIndex(model, base)
     tensors = tensors or {}
+    holder = {"index": index}  # dropped by Pieces.release once every constant is cached
 
     def provider(name: str):
         t = tensors.get(name)
         if t is not None:
             return t.detach()
-        return index.constant(name)
+        if holder["index"] is None:
+            raise PermsparseError(f"recover: constant {name!r} was read after the model was released (a bug)")
+        return holder["index"].constant(name)
 
     ins, outs = graph_inputs(model), [o.name for o in model.graph.output]
     cfg = ProgramConfig(upcast=upcast, device=str(device))
@@ -182,7 +191,7 @@ def build_pieces(model: onnx.ModelProto, base: Path, bp, *, upcast: bool, device
         made.append(Piece(label, pins, pouts, prog, [k for k in tensors if k in used]))
     suffix = made[-1] if made[-1].label == "suffix" else None
     blocks = [p for p in made if p.label.startswith("block")]
-    return Pieces(made[0], blocks, suffix, ins, outs)
+    return Pieces(made[0], blocks, suffix, ins, outs, holder)
 
 
 def initializer_dtype(t: onnx.TensorProto) -> np.dtype:

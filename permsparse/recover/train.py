@@ -174,19 +174,15 @@ class Recovery:
     """Holds the student, the teacher, the data and the optimizer of one recovery run."""
 
     def __init__(self, student: Pieces, teacher: Pieces, trainable: Trainable, tensors: dict[str, torch.Tensor],
-                 data, cfg, device: torch.device, work: Path, fingerprint: str, ids_model=None):
+                 data, cfg, device: torch.device, work: Path, fingerprint: str, ids_name: str | None = None):
         self.student, self.teacher, self.trainable, self.tensors = student, teacher, trainable, tensors
         self.data, self.cfg, self.device, self.work = data, cfg, device, work
         self.fingerprint = fingerprint
-        self.masks = {k: torch.as_tensor(trainable.masked[k][1]).to(device=device, dtype=torch.float32)
-                      for k in trainable.masked}
+        self.masks = {k: torch.from_numpy(trainable.masked[k][1]).to(device) for k in trainable.masked}  # bool
         self.opt = MaskedAdamW(tensors, self.masks, cfg.lr, cfg.weight_decay)
         self.decoder = data.kind == "lm"
         self.logits = _logits_name(student.graph_outputs)
-        from permsparse.data.kinds import ids_spec, model_inputs
-
-        spec = ids_spec(model_inputs(ids_model)) if ids_model is not None else None
-        self.ids_name = spec.name if spec is not None else student.graph_inputs[0]
+        self.ids_name = ids_name or student.graph_inputs[0]
         (work / "teacher").mkdir(parents=True, exist_ok=True)
         self._stop_teacher: list[dict] | None = None
 
@@ -195,6 +191,7 @@ class Recovery:
     def _teacher_outputs(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             outs, hidden = run_pieces(self.teacher, _to(feed, self.device), {}, checkpoint=False)
+        self.teacher.release()  # every constant is cached now
         rec: dict[str, torch.Tensor] = {
             "hidden": torch.stack([h.float() for h in hidden]).half().cpu() if hidden else torch.zeros(0)}
         if self.decoder:
@@ -226,6 +223,7 @@ class Recovery:
     def loss(self, feed: dict[str, np.ndarray], target: dict[str, torch.Tensor]) -> torch.Tensor:
         tfeed = _to(feed, self.device)
         outs, hidden = run_pieces(self.student, tfeed, self.tensors, checkpoint=True)
+        self.student.release()
         ht = target["hidden"].to(self.device, torch.float32)
         block = sum(((h.float() - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12) for h, t in zip(hidden, ht))
         block = block / max(1, len(hidden))
@@ -288,6 +286,16 @@ class Recovery:
     # ------------------------------------------------------------------------------------------------ checkpoint
 
     @property
+    def best_path(self) -> Path:
+        return self.work / "recover-best.pt"
+
+    def _save_best(self) -> None:
+        """The best weights so far go to disk (not a second copy in memory)."""
+        tmp = self.best_path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({k: v.detach().cpu() for k, v in self.tensors.items()}, tmp)
+        os.replace(tmp, self.best_path)
+
+    @property
     def ckpt_path(self) -> Path:
         return self.work / "recover-checkpoint.pt"
 
@@ -331,14 +339,12 @@ class Recovery:
         if state is not None:
             step, spent, curve = state["step"], state["seconds"], [Point(**p) for p in state["curve"]]
             best_score, best_step, before = state["best_score"], state["best_step"], state["before"]
-            best = state["best"]
             log.info("resuming the recovery from step %d (%.0f s done)", step, spent)
             resumed = step
         else:
             step, spent, resumed = 0, 0.0, 0
             before, shown = self.heldout()
             best_score, best_step = before, 0
-            best = {k: v.detach().cpu().clone() for k, v in self.tensors.items()}
             curve = [Point(0, 0.0, None, shown, before)]
         t_start = time.perf_counter() - spent
         last_eval_t = time.perf_counter()
@@ -363,6 +369,7 @@ class Recovery:
                 i = int(order[pos])
                 target = self.targets(i)
                 loss = self.loss(self.data.train[i], target)
+
                 if not torch.isfinite(loss):
                     raise PermsparseError(f"recovery loss became {float(loss)} at step {step}; lower --lr")
                 loss.backward()
@@ -380,9 +387,9 @@ class Recovery:
                     losses = []
                     if score < best_score:
                         best_score, best_step = score, step
-                        best = {k: v.detach().cpu().clone() for k, v in self.tensors.items()}
+                        self._save_best()
                     if cfg.work_dir:
-                        self.save({"step": step, "seconds": time.perf_counter() - t_start, "best": best,
+                        self.save({"step": step, "seconds": time.perf_counter() - t_start,
                                    "best_score": best_score, "best_step": best_step, "before": before,
                                    "curve": [p.__dict__ for p in curve]})
                 if total is None and budget:
@@ -398,6 +405,7 @@ class Recovery:
             bar.close()
         tokens = int(round(step * batch_tokens))
         shown_best = next((p.heldout for p in curve if p.step == best_step), curve[0].heldout)
+        best = torch.load(self.best_path, weights_only=True) if best_step > 0 else {}
         return TrainResult({k: v.numpy() for k, v in best.items()}, curve, step, tokens, best_step,
                            curve[0].heldout, shown_best, time.perf_counter() - t_start, resumed)
 
