@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from permsparse.data import corpus
-from permsparse.data.feeds import token_feeds
-from permsparse.data.feeds import lm_token_windows
+from permsparse.data.feeds import lm_token_windows, token_feeds
 from permsparse.data.metrics import perplexity
 from permsparse.data.text import find_tokenizer
 

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, default=None, metavar="FILE",
                    help="replay a recipe.json written by an earlier run (same options and permutations)")
     _shapes(p, "shapes for analysis and checks")
-    from permsparse.recover.cli import add_recover_options  # --recover-steps/--recover-minutes/...
+    from permsparse.recover.cli import add_recover_options
 
     add_recover_options(p, verb=False)
     p.set_defaults(func=verbs._cmd_optimize)
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' type of an hf export (default float32)")
     p.set_defaults(func=verbs._cmd_export)
 
-    from permsparse.recover.cli import add_parser as add_recover  # the recover verb lives in its package
+    from permsparse.recover.cli import add_parser as add_recover
 
     add_recover(sub, _common)
     return parser

@@ -87,8 +87,18 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     from permsparse.ir.model import model_files
     from permsparse.ir.save import check_output, work_dir
     from permsparse.recover.data import recovery_data
-    from permsparse.recover.model import analyze_teacher, build_pieces, find_trainable, load_proto
-    from permsparse.recover.train import Recovery, fingerprint, resolve_device, run_pieces
+    from permsparse.recover.model import (
+        analyze_teacher,
+        build_pieces,
+        find_trainable,
+        load_proto,
+    )
+    from permsparse.recover.train import (
+        Recovery,
+        fingerprint,
+        resolve_device,
+        run_pieces,
+    )
     from permsparse.recover.write import write_model
 
     cfg = (config or RecoverConfig()).resolved()

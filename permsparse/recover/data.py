@@ -71,7 +71,12 @@ def _texts(calib: str | None, seed: int) -> tuple[list[str], str]:
 
 def _feeds(model_path: Path, header, kind: str, texts: list[str], tokenizer, batch_size: int, seq_len: int,
            samples: int | None) -> list[Feed]:
-    from permsparse.data.feeds import byte_token_ids, lm_text_feeds, text_feeds, token_feeds
+    from permsparse.data.feeds import (
+        byte_token_ids,
+        lm_text_feeds,
+        text_feeds,
+        token_feeds,
+    )
     from permsparse.data.kinds import vocab_size
 
     if kind == "lm":

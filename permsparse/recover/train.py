@@ -403,7 +403,7 @@ class Recovery:
                 bar.update(1)
         finally:
             bar.close()
-        tokens = int(round(step * batch_tokens))
+        tokens = round(step * batch_tokens)
         shown_best = next((p.heldout for p in curve if p.step == best_step), curve[0].heldout)
         best = torch.load(self.best_path, weights_only=True) if best_step > 0 else {}
         return TrainResult({k: v.numpy() for k, v in best.items()}, curve, step, tokens, best_step,
