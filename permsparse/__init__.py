@@ -6,8 +6,9 @@ Public API (lazy: nothing heavy is imported until a verb runs)::
     result = permsparse.optimize("model.onnx", "model.sparse.onnx", permsparse.OptimizeConfig(importance="wanda"))
     report = permsparse.inspect("model.sparse.onnx")
 
-Verbs: :func:`optimize`, :func:`replay` (a recipe), :func:`inspect`, :func:`build`, :func:`bench`, :func:`export`; configs:
-:class:`OptimizeConfig`, :class:`InspectConfig`, :class:`BuildConfig`, :class:`BenchConfig`, :class:`ExportConfig`;
+Verbs: :func:`optimize`, :func:`replay` (a recipe), :func:`recover`, :func:`inspect`, :func:`build`, :func:`bench`,
+:func:`export`; configs: :class:`OptimizeConfig`, :class:`RecoverConfig`, :class:`InspectConfig`, :class:`BuildConfig`,
+:class:`BenchConfig`, :class:`ExportConfig`;
 values: :class:`NMPattern`, :class:`ShapeSpec`; errors: :class:`PermsparseError` and its subclasses.
 """
 
@@ -36,6 +37,8 @@ _LAZY = {
     "bench": "permsparse.api",
     "export": "permsparse.api",
     "replay": "permsparse.api",
+    "recover": "permsparse.api",
+    "RecoverConfig": "permsparse.recover.config",
     "ExportConfig": "permsparse.api",
     "OptimizeConfig": "permsparse.config",
     "InspectConfig": "permsparse.inspection",

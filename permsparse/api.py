@@ -25,6 +25,7 @@ from permsparse.inspection import InspectConfig
 if TYPE_CHECKING:
     from permsparse.inspection import InspectResult
     from permsparse.pipeline import OptimizeResult
+    from permsparse.recover import RecoverConfig, RecoverResult
     from permsparse.runtime.bench import BenchConfig, BenchResult
     from permsparse.runtime.trt import BuildConfig, BuildReport
 
@@ -144,6 +145,14 @@ def bench(sparse: PathLike, dense: PathLike, config: BenchConfig | None = None) 
     from permsparse.runtime.bench import run_bench
 
     return run_bench(sparse, dense, config)
+
+
+def recover(sparse: PathLike, dense: PathLike, output: PathLike, config: RecoverConfig | None = None) -> RecoverResult:
+    """Distil the sparse model from its dense teacher with the masks frozen and write ``output``
+    (see :mod:`permsparse.recover`)."""
+    from permsparse.recover import recover as run
+
+    return run(sparse, dense, output, config)
 
 
 def export(name: str, output: PathLike, config: ExportConfig | None = None) -> Path:

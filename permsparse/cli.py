@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, default=None, metavar="FILE",
                    help="replay a recipe.json written by an earlier run (same options and permutations)")
     _shapes(p, "shapes for analysis and checks")
+    from permsparse.recover.cli import add_recover_options
+
+    add_recover_options(p, verb=False)
     p.set_defaults(func=verbs._cmd_optimize)
 
     p = sub.add_parser("inspect", help="weights, closures, fold status and N:M validity")
@@ -271,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="weights' type of an hf export (default float32)")
     p.set_defaults(func=verbs._cmd_export)
+
+    from permsparse.recover.cli import add_parser as add_recover
+
+    add_recover(sub, _common)
     return parser
 
 

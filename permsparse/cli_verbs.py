@@ -77,6 +77,7 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
         learned=learned,
         evaluate=args.report is not None,
         progress=not args.quiet,
+        recover=_recover_config(args),
     )
     if args.recipe is None:
         cfg.resolved()  # bad options fail here, before any work
@@ -99,6 +100,11 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
         "timings": result.timings,
         "quality": result.quality,
     }
+    if result.recovery is not None:
+        r = result.recovery
+        lines.append(f"recovery: held-out {r['metric']} {r['heldout_before']:.4g} -> {r['heldout_best']:.4g} in "
+                     f"{r['steps']} steps ({r['tokens']} tokens, {r['seconds']:.0f} s)")
+        data["recovery"] = r
     if args.report:
         from permsparse.report import write_report
 
@@ -116,6 +122,12 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
     lines.append(f"wrote {args.output} ({'dense, permuted' if args.no_mask else f'{cfg.pattern} sparse'}) "
                  f"in {result.timings['total']:.1f} s")
     return Outcome("\n".join(lines), data)
+
+
+def _recover_config(args: argparse.Namespace):
+    from permsparse.recover.cli import config_from_args
+
+    return config_from_args(args, verb=False)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> Outcome:

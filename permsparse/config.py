@@ -130,6 +130,7 @@ class OptimizeConfig:
     work_dir: str | None = None
     evaluate: bool | None = None
     progress: bool | None = None
+    recover: object | None = None  # permsparse.recover.RecoverConfig: distil the written model from the input (None: off)
 
     @property
     def blockwise(self) -> bool:
@@ -217,7 +218,7 @@ class OptimizeConfig:
                 v = str(v)
             elif f.name == "shapes" and v is not None:
                 v = [str(s) for s in v.values()]
-            elif f.name == "learned" and v is not None:
+            elif f.name in ("learned", "recover") and v is not None:
                 from dataclasses import asdict
 
                 v = asdict(v)  # type: ignore[call-overload]

@@ -53,6 +53,7 @@ class OptimizeResult:
     quality: dict[str, dict] = field(default_factory=dict)  # filled by ``evaluate`` when asked
     input_sha256: str = ""
     block_reports: list = field(default_factory=list)  # block-wise runs: output error of each block
+    recovery: dict | None = None  # what recovery did (``OptimizeConfig.recover``), see permsparse.recover.stage
 
 
 def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | None = None) -> OptimizeResult:
@@ -109,6 +110,11 @@ def optimize(src: str | Path, dst: str | Path | None, config: OptimizeConfig | N
         from permsparse.recipe import write_recipe
 
         write_recipe(result, run.src, run.dst)
+        if run.cfg.recover is not None and run.cfg.mask:
+            from permsparse.recover.stage import recover_output
+
+            with stage("recover"):
+                result.recovery = recover_output(run.src, run.dst, run.cfg)
         if run.cfg.evaluate and run.cfg.mask:
             from permsparse.evaluate import evaluate_quality
 

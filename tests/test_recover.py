@@ -1,0 +1,246 @@
+"""Recovery (``permsparse recover``): masked optimizer step, tiny-model distillation, resume, fp16, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from permsparse.cli import main
+from permsparse.pattern import check_nm, nm_keep_mask
+from permsparse.recover import RecoverConfig, recover
+from permsparse.recover.train import MaskedAdamW, lr_factor
+from permsparse.recover.write import graph_signature
+
+FAST = ["--method", "identity", "--reconstruct", "none", "-q"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(exported, tmp_path_factory):
+    """(dense, sparse) tiny seeded llama (legacy export) and its plain 2:4 model."""
+    dense = exported("llama", "legacy")
+    root = tmp_path_factory.mktemp("recover")
+    sparse = root / "llama.sparse.onnx"
+    assert main(["optimize", str(dense), "-o", str(sparse), *FAST]) == 0
+    return dense, sparse
+
+
+def _mm_model(path: Path, w: np.ndarray) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", w.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", w.shape[1]])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", [x], [y],
+                          [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_masked_step_keeps_nm_and_matches_plain_torch_gradients(tmp_path):
+    from permsparse.torchgraph import GraphProgram
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    keep = nm_keep_mask(np.abs(w), 2, 4)
+    w = np.where(keep, w, 0).astype(np.float32)
+    prog = GraphProgram.from_model(_mm_model(tmp_path / "mm.onnx", w))
+    x = torch.as_tensor(rng.standard_normal((5, 16)).astype(np.float32))
+    t = torch.as_tensor(rng.standard_normal((5, 8)).astype(np.float32))
+    p = torch.tensor(w, requires_grad=True)
+    ((prog.run({"x": x}, overrides={"w": p})["y"] - t) ** 2).mean().backward()
+    plain = torch.nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(torch.as_tensor(w).T)
+    ((plain(x) - t) ** 2).mean().backward()
+    np.testing.assert_allclose(p.grad.numpy()[keep], plain.weight.grad.T.numpy()[keep], rtol=1e-5, atol=1e-7)
+    assert np.abs(p.grad.numpy()[~keep]).max() > 0  # the raw gradient of pruned entries is not zero ...
+    opt = MaskedAdamW({"w": p}, {"w": torch.as_tensor(keep, dtype=torch.float32)}, lr=1e-2, weight_decay=0.01)
+    opt.step(1.0)
+    after = p.detach().numpy()
+    assert np.all(after[~keep] == 0) and check_nm(after, 0, 2, 4)  # ... but the step leaves them exactly zero
+    assert np.all(after[keep] != w[keep])
+
+
+def test_lr_schedule_warms_up_and_decays():
+    assert lr_factor(0.0, 0.1) < lr_factor(0.05, 0.1) < lr_factor(0.1, 0.1) == pytest.approx(1.0)
+    assert lr_factor(0.55, 0.1) == pytest.approx(0.5) and lr_factor(1.0, 0.1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_checkpointed_whole_model_gradients_equal_plain_run(tiny_pair):
+    from permsparse.recover.model import (
+        analyze_teacher,
+        build_pieces,
+        find_trainable,
+        load_proto,
+    )
+    from permsparse.recover.train import run_pieces
+
+    dense, sparse = tiny_pair
+    student = load_proto(sparse)
+    plan, bp = analyze_teacher(dense)
+    tr = find_trainable(student, sparse.parent, plan, 2, 4, "all")
+    assert tr.masked and tr.free  # pruned weights and RMSNorm scales
+    grads = []
+    for ckpt in (True, False):
+        tensors = {k: torch.tensor(v[0], requires_grad=True) for k, v in tr.masked.items()}
+        pieces = build_pieces(student, sparse.parent, bp, upcast=False, device=torch.device("cpu"), tensors=tensors)
+        ids = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (2, 16)))
+        outs, hidden = run_pieces(pieces, {"input_ids": ids}, tensors, checkpoint=ckpt)
+        (outs[pieces.graph_outputs[0]].square().mean() + sum(h.square().mean() for h in hidden)).backward()
+        grads.append({k: t.grad.clone() for k, t in tensors.items()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_tiny_recovery_lowers_heldout_loss_and_keeps_the_graph(tiny_pair, tmp_path):
+    dense, sparse = tiny_pair
+    out = tmp_path / "rec.onnx"
+    res = recover(sparse, dense, out, RecoverConfig(steps=12, lr=1e-3, progress=False, eval_every=4))
+    assert res.improved and res.curve[0]["score"] > min(p["score"] for p in res.curve[1:])
+    assert res.steps == 12 and res.tokens == 12 * 4 * 128 and len(res.data_sha256) == 64
+    a, b = onnx.load(str(sparse)), onnx.load(str(out))
+    assert graph_signature(a) == graph_signature(b)  # same nodes, same initializer names/shapes/types
+    wa = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    changed = [k for k in wa if not np.array_equal(wa[k], wb[k])]
+    assert changed
+    for k in changed:
+        if wa[k].ndim == 2:
+            assert np.all(wb[k][wa[k] == 0] == 0) and check_nm(wb[k], 0, 2, 4)
+    # independently, on onnxruntime: the written model is closer to the teacher on the early-stopping text
+    import onnxruntime as ort
+
+    from permsparse.data.feeds import byte_token_ids
+    from permsparse.data.text import builtin_texts
+
+    ids = byte_token_ids(builtin_texts(64, "heldout", 0), 256, 64, 8)
+
+    def kl(path):
+        t = ort.InferenceSession(str(dense)).run(None, {"input_ids": ids})[0]
+        s = ort.InferenceSession(str(path)).run(None, {"input_ids": ids})[0]
+        lt, ls = torch.log_softmax(torch.as_tensor(t), -1), torch.log_softmax(torch.as_tensor(s), -1)
+        return float((lt.exp() * (lt - ls)).sum(-1).mean())
+
+    assert kl(out) < kl(sparse)
+
+
+def test_norms_only_trains_no_weight(tiny_pair, tmp_path):
+    dense, sparse = tiny_pair
+    out = tmp_path / "norms.onnx"
+    res = recover(sparse, dense, out, RecoverConfig(steps=2, params="norms", progress=False))
+    assert res.masked_weights == 0 and res.trained_tensors > 0
+    wa = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(sparse)).graph.initializer}
+    wb = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa if wa[k].ndim == 2)
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    return err[0]
+
+
+def test_bad_input_refused_with_one_line_and_nothing_written(tiny_pair, exported, tmp_path, capsys):
+    from permsparse.models.export import export_model
+
+    dense, sparse = tiny_pair
+    out = tmp_path / "o.onnx"
+    other = export_model("llama", tmp_path / "other.onnx", exporter="legacy", size="tiny", seed=3)
+    base = ["recover", "--recover-steps", "1", "-q", "-o", str(out)]
+    assert "not the same model" in _error(capsys, [*base, str(sparse), "--teacher", str(other)])
+    assert "no 2:4 sparse weight" in _error(capsys, [*base, str(dense), "--teacher", str(dense)])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "holds no text" in _error(capsys, [*base, str(sparse), "--teacher", str(dense), "--calib", str(empty)])
+    assert "would overwrite" in _error(capsys, ["recover", str(sparse), "--teacher", str(dense), "-o", str(sparse)])
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".permsparse")]
+
+
+def test_fp16_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from permsparse.models.export import export_onnx
+    from permsparse.models.hf import load_hf_checkpoint
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    loaded = load_hf_checkpoint(tmp_path / "ckpt")
+    dense = tmp_path / "half.onnx"
+    export_onnx(loaded.module.half(), loaded.example_inputs, dense, dynamo=False,
+                dynamic_axes=loaded.dynamic_axes, output_names=loaded.output_names)
+    sparse, out = tmp_path / "half.sparse.onnx", tmp_path / "half.rec.onnx"
+    assert main(["optimize", str(dense), "-o", str(sparse), *FAST]) == 0
+    res = recover(sparse, dense, out, RecoverConfig(steps=3, lr=1e-3, progress=False, eval_every=1))
+    assert res.steps == 3
+    a, b = onnx.load(str(sparse)), onnx.load(str(out))
+    assert graph_signature(a) == graph_signature(b)
+    wa = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    halves = [k for k in wa if wa[k].dtype == np.float16 and wa[k].ndim == 2 and (wa[k] == 0).mean() >= 0.5]
+    assert halves and all(wb[k].dtype == np.float16 and check_nm(wb[k], 0, 2, 4) for k in halves)
+    if res.improved:
+        assert any(not np.array_equal(wa[k], wb[k]) for k in halves)
+
+
+@pytest.mark.slow
+def test_killed_recovery_resumes_from_its_work_dir(tiny_pair, tmp_path):
+    dense, sparse = tiny_pair
+    work, out = tmp_path / "work", tmp_path / "r.onnx"
+    cmd = [sys.executable, "-m", "permsparse.cli", "recover", str(sparse), "--teacher", str(dense), "-o", str(out),
+           "--recover-steps", "40", "--work-dir", str(work), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    ckpt = work / "recover-checkpoint.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert doc["resumed_from"] >= 5 and doc["steps"] == 40 and out.exists()
+
+
+@pytest.mark.gpu
+def test_recovery_runs_on_cuda(tiny_pair, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    dense, sparse = tiny_pair
+    cpu = recover(sparse, dense, tmp_path / "c.onnx", RecoverConfig(steps=2, lr=1e-3, progress=False, eval_every=1))
+    gpu = recover(sparse, dense, tmp_path / "g.onnx",
+                  RecoverConfig(steps=2, lr=1e-3, progress=False, eval_every=1, device="cuda"))
+    assert gpu.device.startswith("cuda")
+    # same data, same steps: held-out scores agree within float32 reduction-order noise
+    for a, b in zip(cpu.curve, gpu.curve):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-3)
+
+
+def test_optimize_recover_steps_records_the_recovery(exported, tmp_path, capsys):
+    dense = exported("llama", "legacy")
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(dense), "-o", str(out), *FAST, "--json", "--recover-steps", "3",
+                 "--recover-lr", "1e-3"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rec = doc["recovery"]
+    assert rec["steps"] == 3 and rec["tokens"] > 0 and len(rec["data_sha256"]) == 64 and len(rec["curve"]) >= 2
+    recipe = json.loads(Path(str(out) + ".recipe.json").read_text()) if Path(str(out) + ".recipe.json").exists() \
+        else json.loads(next(tmp_path.glob("*.recipe.json")).read_text())
+    assert recipe["recovery"]["steps"] == 3 and recipe["options"]["recover"]["steps"] == 3
+    model = onnx.load(str(out))
+    sparse = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("onnx::MatMul")]
+    assert sparse and all(check_nm(w, 0, 2, 4) for w in sparse if (w == 0).mean() >= 0.5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".permsparse")]
