@@ -25,8 +25,8 @@ from permsparse import __version__
 from permsparse import cli_verbs as verbs
 from permsparse.config import (
     BACKENDS,
-    DEVICES,
     CHECKS,
+    DEVICES,
     EXPORTERS,
     IMPORTANCES,
     METHODS,

@@ -467,7 +467,13 @@ def test_linear_sparse_script_without_gpu() -> None:
 
 def test_backend_registry_and_runner_interface(models: dict[str, Path]) -> None:
     from permsparse import config
-    from permsparse.runtime.backends import Runner, backend_names, base, get_backend, register_backend
+    from permsparse.runtime.backends import (
+        Runner,
+        backend_names,
+        base,
+        get_backend,
+        register_backend,
+    )
     from permsparse.runtime.backends.ort import OrtRunner
 
     assert backend_names() == config.BACKENDS == ("ort", "torch", "tensorrt")

@@ -28,12 +28,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from permsparse.optimizer.checkpoint import atomic_write as _atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +81,6 @@ def run_key(model_digest: str, cfg: Any, pre_perms: dict[str, np.ndarray], block
             h.update(f"feed|{k}|".encode())
             _hash_array(h, feed[k])
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 @dataclass

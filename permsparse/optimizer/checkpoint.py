@@ -96,7 +96,8 @@ def unit_key(problem_hash: str, method_name: str, method: Any) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` on a temporary name in the same folder, then rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -148,11 +149,11 @@ class CheckpointStore:
         npy, meta = self._paths(key)
         npy.parent.mkdir(parents=True, exist_ok=True)
         perm = np.ascontiguousarray(np.asarray(result.perm, dtype=np.int64))
-        _atomic_write(npy, lambda f: np.save(f, perm, allow_pickle=False))
+        atomic_write(npy, lambda f: np.save(f, perm, allow_pickle=False))
         numbers = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("perm", "reused")}
         info = {"format": FORMAT, "key": key, "k": int(perm.shape[0]),
                 "perm_sha256": hashlib.sha256(perm.tobytes()).hexdigest(), "result": numbers}
-        _atomic_write(meta, lambda f: f.write(json.dumps(info, sort_keys=True).encode()))
+        atomic_write(meta, lambda f: f.write(json.dumps(info, sort_keys=True).encode()))
 
     def __contains__(self, key: str) -> bool:
         return self._paths(key)[1].is_file()

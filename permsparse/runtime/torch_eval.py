@@ -115,7 +115,10 @@ class Linear24:
     def _compress(self, method: str) -> Callable[[torch.Tensor], torch.Tensor]:
         w_nk = self.w_kn.t().contiguous()
         if method in ("semi", "cutlass", "cusparselt"):
-            from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+            from torch.sparse import (
+                SparseSemiStructuredTensor,
+                to_sparse_semi_structured,
+            )
 
             old = SparseSemiStructuredTensor._FORCE_CUTLASS
             try:

@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 
 from permsparse.errors import PermsparseError
-from permsparse.runtime.backends.base import DEVICES, BenchConfig, Runner, register_backend
+from permsparse.runtime.backends.base import (
+    DEVICES,
+    BenchConfig,
+    Runner,
+    register_backend,
+)
 
 
 def resolve_device(device: str | None) -> str:
