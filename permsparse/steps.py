@@ -7,7 +7,6 @@ failed its checks, write atomically) are kept by :func:`load` (paths checked fir
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from permsparse.ir.graph import const_index, export_graph, import_graph
 from permsparse.ir.inputs import concrete_shapes, random_feeds
 from permsparse.ir.model import (
     check_input,
+    file_sha256,
     load_model,
     model_files,
     model_size_bytes,
@@ -96,7 +96,7 @@ def load(run: Run) -> None:
     if run.dst is not None:
         check_output(run.dst, frozenset(model_files(run.src, run.model)))
     check_input(run.model, run.src)
-    run.digest = _sha256(run.src)
+    run.digest = file_sha256(run.src)
     run.external = uses_external_data(run.model)
     run.half = is_half_model(run.model)
     run.verify_feeds = _verify_feeds(run.model, run.cfg)
@@ -469,12 +469,3 @@ def _verify_feeds(model: onnx.ModelProto, cfg: OptimizeConfig) -> list[dict[str,
         return [random_feeds(model, shapes, seed=cfg.seed + i) for i in (1, 2)]
     return [random_feeds(model, concrete_shapes(model, batch=2, seq=seq), seed=cfg.seed + i + 1)
             for i, seq in enumerate((5, 13))]
-
-
-def _sha256(path: Path) -> str:
-    """Hash of the input's .onnx file (graph and inline weights; external data files are named, not hashed)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

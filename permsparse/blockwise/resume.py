@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from permsparse.ir.model import file_sha256
 from permsparse.optimizer.checkpoint import atomic_write as _atomic_write
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ _NOT_IN_KEY = frozenset({"progress", "workers", "cluster", "work_dir", "evaluate
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hash_array(h, a: Any) -> None:
@@ -121,12 +114,12 @@ class BlockCheckpoint:
             if info.get("format") != FORMAT or info.get("key") != self.key:
                 raise ValueError("another format or run")
             stream = self.root / info["stream"]
-            if _file_sha(stream) != info["stream_sha256"]:
+            if file_sha256(stream) != info["stream_sha256"]:
                 raise ValueError(f"{stream.name} does not match its hash")
             weights = {}
             for name, digest in info["weights"].items():
                 path = self._weight_path(name)
-                if _file_sha(path) != digest:
+                if file_sha256(path) != digest:
                     raise ValueError(f"the stored weight {name} does not match its hash")
                 weights[name] = path
             streams = torch.load(stream, weights_only=True)
@@ -152,11 +145,11 @@ class BlockCheckpoint:
         for name, arr in new_weights.items():
             path = self._weight_path(name)
             _atomic_write(path, lambda f, a=arr: np.save(f, np.ascontiguousarray(a), allow_pickle=False))
-            digests[name] = _file_sha(path)
+            digests[name] = file_sha256(path)
         stream = self.root / f"stream-{done}.pt"
         _atomic_write(stream, lambda f: torch.save([(s.contiguous(), d.contiguous()) for s, d in streams], f))
         info = {"format": FORMAT, "key": self.key, "done": done, "stream": stream.name,
-                "stream_sha256": _file_sha(stream), "weights": digests,
+                "stream_sha256": file_sha256(stream), "weights": digests,
                 "perms": {k: np.asarray(v, dtype=np.int64).tolist() for k, v in perms.items()},
                 "unit_reports": unit_reports, "block_reports": block_reports}
         _atomic_write(self._state, lambda f: f.write(json.dumps(info).encode()))

@@ -8,6 +8,7 @@ consists of, so no output ever lands on one of them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -174,3 +175,13 @@ __all__ = [
     "uses_external_data",
     "weight_values",
 ]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of one file, read in 1 MiB chunks (for an ``.onnx``: graph and inline weights; external data files
+    are named in it, not hashed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
