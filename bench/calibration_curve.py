@@ -26,11 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from permsparse.config import OptimizeConfig
 from permsparse.data import corpus
 from permsparse.data.feeds import make_feeds
 from permsparse.data.metrics import perplexity
 from permsparse.pipeline import optimize
+from permsparse.pipeline.config import OptimizeConfig
 
 DEFAULT_POINTS = "wiki:32x128,mix:32x128,mix:128x128,mix:64x256"
 EVAL_SETS = (("wiki", "Wikipedia held-out"), ("mix", "mix held-out"), (corpus.OUT_OF_DOMAIN, "out of domain"))
@@ -48,7 +48,7 @@ def parse_point(text: str) -> tuple[str, int, int]:
 def export_dense(work: Path) -> Path:
     dense = work / "smollm2" / "dense.onnx"
     if not dense.exists():
-        from permsparse.models.export import export_model
+        from permsparse.models import export_model
 
         export_model("smollm2", dense, exporter="legacy")
     return dense

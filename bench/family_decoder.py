@@ -41,8 +41,8 @@ def main() -> None:
         _export(src, args.layers)
     export_s = time.perf_counter() - t0
     weights = sum(f.stat().st_size for f in out.glob("gemma3-270m.onnx*"))
-    from permsparse.config import OptimizeConfig
     from permsparse.pipeline import optimize
+    from permsparse.pipeline.config import OptimizeConfig
 
     t1 = time.perf_counter()
     r = optimize(src, out / "gemma3-270m.sparse.onnx", OptimizeConfig(progress=False))

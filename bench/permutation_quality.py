@@ -23,7 +23,7 @@ import numpy as np
 
 from permsparse.data.feeds import make_feeds
 from permsparse.data.metrics import evaluate_drift
-from permsparse.models.export import export_model
+from permsparse.models import export_model
 from permsparse.pipeline import OptimizeConfig, optimize
 from permsparse.summary import table
 

@@ -30,10 +30,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench" / "peers"))
 
-from permsparse.config import OptimizeConfig
+from permsparse.api import (
+    optimize,  # the API: recovery rows (recover=...) run after the pipeline
+)
 from permsparse.data.feeds import make_feeds
 from permsparse.data.metrics import evaluate_drift
-from permsparse.pipeline import optimize
+from permsparse.pipeline.config import OptimizeConfig
 from permsparse.summary import table
 
 #: label -> OptimizeConfig options (all rows: pattern 2:4, lm_head / classifier dense, seed 0)
@@ -80,7 +82,7 @@ class Prepared:
 
 
 def prepare(name: str, work: Path, args) -> Prepared:
-    from permsparse.models.export import export_model
+    from permsparse.models import export_model
 
     work.mkdir(parents=True, exist_ok=True)
     if name == "smollm2":

@@ -40,13 +40,14 @@ _LAZY = {
     "recover": "permsparse.api",
     "RecoverConfig": "permsparse.recover.config",
     "ExportConfig": "permsparse.api",
-    "OptimizeConfig": "permsparse.config",
+    "OptimizeConfig": "permsparse.pipeline.config",
+    "ResolvedConfig": "permsparse.pipeline.config",
     "InspectConfig": "permsparse.inspection",
     "BuildConfig": "permsparse.runtime.trt",
     "BenchConfig": "permsparse.runtime.bench",
     "NMPattern": "permsparse.pattern",
     "ShapeSpec": "permsparse.ir.shapes",
-    "OptimizeResult": "permsparse.pipeline",
+    "OptimizeResult": "permsparse.pipeline.run",
 }
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from permsparse.config import OptimizeConfig
 from permsparse.inspection import InspectConfig
+from permsparse.pipeline.config import OptimizeConfig
 
 if TYPE_CHECKING:
     from permsparse.inspection import InspectResult
@@ -66,10 +68,10 @@ def replay(model: PathLike, output: PathLike | None, recipe: PathLike, config: O
     """Make ``output`` from ``model`` with the options and permutations recorded in ``recipe`` (no learning).
 
     Options given in ``config`` win over the recorded ones, except those that decide the permutation units (policy,
-    pattern, prune_head, exclude), which must agree with the recipe (:func:`permsparse.recipe.replay_config`).
+    pattern, prune_head, exclude), which must agree with the recipe (:func:`permsparse.pipeline.recipe.replay_config`).
     """
     from permsparse.data.kinds import model_file
-    from permsparse.recipe import check_input, read_recipe, replay_config
+    from permsparse.pipeline.recipe import check_input, read_recipe, replay_config
 
     model = model_file(model)
     doc = read_recipe(recipe)
@@ -82,38 +84,55 @@ def replay(model: PathLike, output: PathLike | None, recipe: PathLike, config: O
 
 
 def _run(model: PathLike, output: PathLike | None, config: OptimizeConfig) -> OptimizeResult:
-    """The pipeline, then (``config.evaluate``) the held-out evaluation of the written model.
+    """The pipeline, then (``config.recover``) recovery and (``config.evaluate``) the held-out evaluation of the
+    written model.
 
-    The evaluation runs after the model and its recipe are written, so an interrupt there must not say "nothing
-    written": it raises :class:`~permsparse.errors.Interrupted` (exit 130) naming the files that stay.
+    Both run after the model and its recipe are written, so an interrupt there must not say "nothing written": it
+    raises :class:`~permsparse.errors.Interrupted` (exit 130) naming the files that stay.
     """
-    import time
     from dataclasses import replace
 
-    from permsparse.errors import Interrupted
     from permsparse.pipeline import optimize as run
 
     result = run(model, output, replace(config, evaluate=False))
-    if not config.evaluate or output is None or not result.config.mask:
+    if output is None or not result.config.mask.apply:
         return result
-    from permsparse.evaluate import HELDOUT_SAMPLES, evaluate_quality
-    from permsparse.ir.save import work_dir
-    from permsparse.recipe import recipe_path
-
     out = Path(output)
-    log.info("report: measuring plain %s and the result against the dense model on %d held-out examples ...",
-             result.config.pattern, HELDOUT_SAMPLES)
+    if result.config.recover is not None:
+        from permsparse.recover.stage import recover_output
+
+        log.info("recover ...")
+        with _after_write(result, "recover", "recovery", out, "recovery did not change them"):
+            result.recovery = recover_output(Path(model), out, result.config)
+    if config.evaluate:
+        from permsparse.ir.save import work_dir
+        from permsparse.pipeline.evaluate import HELDOUT_SAMPLES, evaluate_quality
+
+        log.info("report: measuring plain %s and the result against the dense model on %d held-out examples ...",
+                 result.config.pattern, HELDOUT_SAMPLES)
+        with _after_write(result, "evaluate", "the --report evaluation", out, "no report was written"), \
+                work_dir(out.parent, "evaluate") as work:
+            result.quality = evaluate_quality(Path(model), out, result, work)
+    return result
+
+
+@contextmanager
+def _after_write(result: OptimizeResult, stage: str, what: str, out: Path, unchanged: str) -> Iterator[None]:
+    """Time a stage that runs on the written model; an interrupt says which files stay (written and checked)."""
+    import time
+
+    from permsparse.errors import Interrupted
+    from permsparse.pipeline.recipe import recipe_path
+
     t = time.perf_counter()
     try:
-        with work_dir(out.parent, "evaluate") as work:
-            result.quality = evaluate_quality(Path(model), out, result, work)
+        yield
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted during the --report evaluation: {out} and {recipe_path(out).name} were "
-                          "written (complete and checked); no report was written") from None
-    result.timings["evaluate"] = time.perf_counter() - t
-    result.timings["total"] = result.timings.get("total", 0.0) + result.timings["evaluate"]
-    log.info("report: evaluation done in %.1f s", result.timings["evaluate"])
-    return result
+        raise Interrupted(f"interrupted during {what}: {out} and {recipe_path(out).name} were written (complete and "
+                          f"checked); {unchanged}") from None
+    result.timings[stage] = time.perf_counter() - t
+    result.timings["total"] = result.timings.get("total", 0.0) + result.timings[stage]
+    log.info("%s done in %.1f s", "report: evaluation" if stage == "evaluate" else stage, result.timings[stage])
 
 
 def _sweep_stale_temp() -> None:
@@ -157,7 +176,7 @@ def recover(sparse: PathLike, dense: PathLike, output: PathLike, config: Recover
 
 def export(name: str, output: PathLike, config: ExportConfig | None = None) -> Path:
     """Export a built-in model (``minilm`` real weights, seeded ``vit``/``llama``) or a local HF checkpoint (``hf``)."""
-    from permsparse.models.export import export_model
+    from permsparse.models.zoo import export_model
 
     cfg = config or ExportConfig()
     return export_model(name, output, exporter=cfg.exporter or "dynamo", size=cfg.size or "tiny",

@@ -23,24 +23,23 @@ from typing import Any
 
 from permsparse import __version__
 from permsparse import cli_verbs as verbs
-from permsparse.config import (
-    BACKENDS,
+from permsparse.errors import PermsparseError, UsageError
+from permsparse.models.zoo import EXPORTERS, MODEL_FAMILIES, model_sizes
+from permsparse.pipeline.config import (
     CHECKS,
-    DEVICES,
-    EXPORTERS,
     IMPORTANCES,
     METHODS,
-    MODEL_NAMES,
-    MODEL_SIZES,
     OBJECTIVES,
     POLICIES,
-    PRECISION_MODES,
-    PRECISIONS,
     RECONSTRUCTIONS,
-    SPARSE_METHODS,
     TEACHERS,
 )
-from permsparse.errors import PermsparseError, UsageError
+from permsparse.runtime.backends import DEVICES, backend_names
+from permsparse.runtime.choices import PRECISION_MODES, PRECISIONS, SPARSE_METHODS
+
+BACKENDS: tuple[str, ...] = backend_names()
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_FAMILIES)
+MODEL_SIZES: tuple[str, ...] = model_sizes()
 
 log = logging.getLogger("permsparse")
 
@@ -277,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from permsparse.recover.cli import add_parser as add_recover
 
-    add_recover(sub, _common)
+    add_recover(sub, _common, verbs._cmd_recover)
     return parser
 
 
@@ -286,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Loggers whose INFO lines are shown by default on a terminal (not under -q/--json): what a run is doing during its
 #: long steps, so no stretch of a run is silent (stage starts, the report's evaluation, export). -v shows every INFO line.
-STATUS_LOGGERS = ("permsparse.pipeline", "permsparse.api", "permsparse.cli_verbs")
+STATUS_LOGGERS = ("permsparse.pipeline.run", "permsparse.api", "permsparse.cli_verbs")
 
 
 class _StatusFilter(logging.Filter):
@@ -307,9 +306,9 @@ STAGE_WORDS = {
     "calibrate": "activation norms on calibration data",
     "learn": "solving the permutations",
     "block-wise": "calibration, permutations, SparseGPT and tuning, block by block",
-    "fold": "folding the permutations into the weights",
-    "verify": "fold check: the permuted dense model against the input",
+    "fold": "folding the permutations into the weights; fold check: the permuted dense model against the input",
     "mask+save": "N:M masks, the independent N:M check, writing",
+    "recover": "training the kept weights against the dense model, masks frozen",
 }
 
 

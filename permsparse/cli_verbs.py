@@ -48,7 +48,7 @@ def check_folder(path: Path | None, flag: str) -> None:
 
 def _cmd_optimize(args: argparse.Namespace) -> Outcome:
     from permsparse.api import optimize
-    from permsparse.config import OptimizeConfig
+    from permsparse.pipeline.config import OptimizeConfig
 
     check_folder(args.report, "--report")
     check_folder(args.work_dir, "--work-dir")
@@ -91,6 +91,7 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
     data: dict[str, Any] = {
         "output": str(args.output),
         "pattern": str(cfg.pattern),
+        "config": cfg.to_dict(),  # the resolved options (model-dependent defaults included), as the recipe records them
         "weights_pruned": len(result.selected),
         "nm_valid": sum(result.nm_valid.values()),
         "permutations": len(result.units.units),
@@ -112,7 +113,7 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
             path = write_report(result, args.report)
         except KeyboardInterrupt:
             from permsparse.errors import Interrupted
-            from permsparse.recipe import recipe_path
+            from permsparse.pipeline.recipe import recipe_path
 
             raise Interrupted(f"interrupted while writing the report: {args.output} and "
                               f"{recipe_path(args.output).name} were written (complete and checked); the report "
@@ -196,3 +197,17 @@ def _cmd_export(args: argparse.Namespace) -> Outcome:
     text = (f"exported {args.model} ({args.exporter}) -> {path}{extra}: {info['bytes'] / 1e6:.1f} MB, "
             f"{info['nodes']} nodes, {info['linear_matmuls']} MatMul weights, {ins} -> {outs}, {elapsed:.1f} s")
     return Outcome(text, {**info, "seconds": elapsed})
+
+
+def _cmd_recover(args: argparse.Namespace) -> Outcome:
+    from permsparse.recover import recover
+    from permsparse.recover.cli import config_from_args
+
+    res = recover(args.model, args.teacher, args.output, config_from_args(args, verb=True))
+    name = "perplexity" if res.metric == "ppl" else "pooled cosine"
+    verdict = (f"{res.heldout_before:.4g} -> {res.heldout_best:.4g} (best at step {res.best_step})" if res.improved
+               else f"{res.heldout_before:.4g}, not improved: the input's weights were written")
+    text = (f"recovered {args.model} -> {res.output}: held-out {name} {verdict}; {res.steps} steps, {res.tokens} "
+            f"tokens, {res.seconds:.0f} s on {res.device}, {res.trained_tensors} tensors trained ({res.params}), "
+            f"{res.masked_weights} weights kept 2:4, peak RSS {res.peak_rss_mb:.0f} MB")
+    return Outcome(text, res.to_dict())

@@ -9,7 +9,7 @@ its step optimized (:func:`permsparse.summary.measure_lines`, shared with the CL
 - per weight (per-weight runs), the share of importance kept, plain vs permuted; per block (block-wise runs, where
   SparseGPT and tuning rewrite the kept weights, so kept |W| is no objective), the block's output error after
   reconstruction and after tuning — what those steps reduce;
-- model level (when the run evaluated it, :mod:`permsparse.evaluate`), the drift of plain N:M and of the result from
+- model level (when the run evaluated it, :mod:`permsparse.pipeline.evaluate`), the drift of plain N:M and of the result from
   the dense input on held-out inputs: output cosine, mean-pooled sentence cosine (encoders), perplexity (decoders).
 """
 
@@ -44,7 +44,7 @@ def _plots(result, out_dir: Path, retention: list[tuple[str, float, float]]) -> 
         fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(reps)), 3.6))
         x = np.arange(len(reps))
         ax.bar(x - 0.2, [b.err_pruned for b in reps], 0.4,
-               label="after SparseGPT" if result.config.reconstruct == "sparsegpt" else "after masking")
+               label="after SparseGPT" if result.config.reconstruction.method == "sparsegpt" else "after masking")
         ax.bar(x + 0.2, [b.err_final for b in reps], 0.4, label="final (after tuning, if any)")
         ax.set_xticks(x, [str(b.index) for b in reps])
         ax.set_xlabel("block")
@@ -98,9 +98,9 @@ def quality_lines(result) -> list[str]:
     if not q:
         return []
     cfg = result.config
-    how = cfg.method + (" + SparseGPT" if cfg.reconstruct == "sparsegpt" else "") + \
-        (f" + tuning ({cfg.finetune_epochs} ep.)" if cfg.finetune_epochs else "")
-    rows = [_drift_cells(f"plain {cfg.pattern} (no permutation, {cfg.importance} mask)", q["plain"]),
+    how = cfg.permutation.method + (" + SparseGPT" if cfg.reconstruction.method == "sparsegpt" else "") + \
+        (f" + tuning ({cfg.reconstruction.finetune_epochs} ep.)" if cfg.reconstruction.finetune_epochs else "")
+    rows = [_drift_cells(f"plain {cfg.pattern} (no permutation, {cfg.mask.importance} mask)", q["plain"]),
             _drift_cells(f"{cfg.pattern}, permsparse ({how})", q["result"])]
     return [
         "| model | output cosine | relative error | pooled cosine | perplexity |",
@@ -125,8 +125,8 @@ def write_report(result, report_dir: str | Path) -> Path:
     lines = [
         f"# permsparse report: {result.output.name if result.output else 'model'}",
         "",
-        f"method `{cfg.method}`, importance `{cfg.importance}`, policy `{cfg.policy}`, pattern {cfg.pattern}, "
-        f"reconstruction `{cfg.reconstruct}`, seed {cfg.seed}",
+        f"method `{cfg.permutation.method}`, importance `{cfg.mask.importance}`, policy `{cfg.permutation.policy}`, pattern {cfg.pattern}, "
+        f"reconstruction `{cfg.reconstruction.method}`, seed {cfg.seed}",
         "",
         "## Summary",
         "",
@@ -143,7 +143,7 @@ def write_report(result, report_dir: str | Path) -> Path:
     ]
     if reconstructed(result):
         lines.append("_The weights were rebuilt block by block (SparseGPT's update of the kept weights"
-                     + (", then tuning" if cfg.finetune_epochs else "") + "), so how much of a weight's dense |W| or "
+                     + (", then tuning" if cfg.reconstruction.finetune_epochs else "") + "), so how much of a weight's dense |W| or "
                      "importance sits at the kept positions is not what the run optimized and is not reported: the "
                      "permutations are judged on the score they maximize (per unit, below), the reconstruction on "
                      "each block's output error, and the model on held-out data._")
@@ -151,7 +151,7 @@ def write_report(result, report_dir: str | Path) -> Path:
     if result.quality:
         lines += ["## Model-level drift from the dense input (held-out inputs)", "", *quality_lines(result), ""]
     if "blocks" in plots:
-        first = "after SparseGPT" if cfg.reconstruct == "sparsegpt" else "after masking"
+        first = "after SparseGPT" if cfg.reconstruction.method == "sparsegpt" else "after masking"
         lines += ["## Output error per block (calibration data)", "", f"![blocks]({plots['blocks']})", ""]
         lines += [f"| block | weights | {first} | final |", "|---|---|---|---|"]
         lines += [f"| {b.index} | {b.weights} | {b.err_pruned:.4g} | {b.err_final:.4g} |" for b in result.block_reports]

@@ -48,7 +48,7 @@ def measure_lines(result) -> list[str]:
         if result.masks:
             ident = float(np.mean([st.kept_share_identity for st in result.masks]))
             perm = float(np.mean([st.kept_share for st in result.masks]))
-            out.append(f"importance kept per weight (mean of the {result.config.importance} scores the permutations "
+            out.append(f"importance kept per weight (mean of the {result.config.mask.importance} scores the permutations "
                        f"maximize): plain {pattern} {ident:.4f} -> permuted {perm:.4f}")
         return out
     if means is not None:
@@ -58,10 +58,10 @@ def measure_lines(result) -> list[str]:
     pruned = float(np.mean([b.err_pruned for b in reps]))
     final = float(np.mean([b.err_final for b in reps]))
     cfg = result.config
-    first = "SparseGPT" if cfg.reconstruct == "sparsegpt" else "masking"
-    ep = cfg.finetune_epochs
+    first = "SparseGPT" if cfg.reconstruction.method == "sparsegpt" else "masking"
+    ep = cfg.reconstruction.finetune_epochs
     tuned = f" -> {final:.4g} after {ep} epoch{'s' if ep != 1 else ''} of tuning" if ep else ""
-    target = "the dense model's block output" if cfg.teacher == "dense" else "the dense block on the pruned input"
+    target = "the dense model's block output" if cfg.reconstruction.teacher == "dense" else "the dense block on the pruned input"
     out.append(f"block output error ||y - y_target||²/||y_target||² against {target}, on calibration data (what "
                f"reconstruction and tuning reduce; mean over {len(reps)} blocks): {pruned:.4g} after {first}{tuned}")
     return out

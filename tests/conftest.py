@@ -20,7 +20,7 @@ def exported(tmp_path_factory):
     def get(name: str, exporter: str) -> Path:
         key = (name, exporter)
         if key not in cache:
-            from permsparse.models.export import export_model
+            from permsparse.models import export_model
 
             cache[key] = export_model(name, root / f"{name}_{exporter}.onnx", exporter=exporter, size="tiny")
         return cache[key]

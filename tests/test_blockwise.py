@@ -14,11 +14,11 @@ from conftest import EXPORTERS, sha256
 from onnx import TensorProto, helper, numpy_helper
 
 from permsparse.cli import main
-from permsparse.config import OptimizeConfig
 from permsparse.data.feeds import make_feeds
 from permsparse.data.metrics import evaluate_drift
 from permsparse.pattern import check_nm
 from permsparse.pipeline import optimize
+from permsparse.pipeline.config import OptimizeConfig
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -50,7 +50,7 @@ def test_defaults_reconstruct_block_by_block_and_beat_plain_masking(exported, tm
     before = sha256(src)
     res = optimize(src, tmp_path / "d.onnx", OptimizeConfig(progress=False))
     cfg = res.config
-    assert (cfg.method, cfg.importance, cfg.reconstruct, cfg.sequential) == ("lsa", "wanda", "sparsegpt", True)
+    assert (cfg.permutation.method, cfg.mask.importance, cfg.reconstruction.method, cfg.reconstruction.sequential) == ("lsa", "wanda", "sparsegpt", True)
     assert "block-wise" in res.timings and res.equivalence.ok and res.equivalence.max_rel_error < 1e-4
     assert sum(res.nm_valid.values()) == len(res.selected) == 14 and _n_valid(tmp_path / "d.onnx") == 14
     assert len(res.block_reports) == 4  # attention and MLP of each of the 2 decoder layers (cut at each residual)
@@ -103,7 +103,7 @@ def test_model_without_blocks(tmp_path, capsys, caplog):
     src = _no_blocks(tmp_path / "mlp.onnx")
     with caplog.at_level(logging.WARNING, logger="permsparse"):
         res = optimize(src, tmp_path / "o.onnx", OptimizeConfig(progress=False))
-    assert (res.config.importance, res.config.reconstruct) == ("magnitude", "none")
+    assert (res.config.mask.importance, res.config.reconstruction.method) == ("magnitude", "none")
     assert "cannot tell what data this model takes" in caplog.text and "Falling back" in caplog.text
     assert _n_valid(tmp_path / "o.onnx") == 2  # w1, w2 (w3 writes the graph output)
     code = main(["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--reconstruct", "sparsegpt", "-q"])

@@ -129,6 +129,11 @@ def test_options_the_readme_names_run(tmp_path, exported, capsys):
     doc = _json_doc(capsys.readouterr().out)
     assert doc["ok"] and doc["pattern"] == "4:8" and doc["weights_pruned"] == 15 - 3  # 14 + lm_head, 3 excluded
     assert doc["nm_valid"] == doc["weights_pruned"]
+    # the resolved options, as the recipe records them
+    recipe = json.loads(out.with_name("a.recipe.json").read_text())
+    assert doc["config"] == recipe["options"]
+    assert (doc["config"]["pattern"], doc["config"]["policy"], doc["config"]["calib_samples"]) == ("4:8", "global", 8)
+    assert doc["config"]["damp"] == 0.1 and doc["config"]["exclude"] == ["layers\\.1\\.mlp"]
     assert log_file.stat().st_size > 0 and any((tmp_path / "w").rglob("*"))
     dense = tmp_path / "d.onnx"
     assert main(["optimize", str(src), "-o", str(dense), *FAST, "--no-mask", "--json"]) == 0
@@ -152,7 +157,7 @@ def test_recipe_replay_through_the_cli_and_the_api(tmp_path, exported, capsys):
     assert sha256(second) == sha256(first)
     third = tmp_path / "c" / "m.onnx"
     result = permsparse.replay(src, third, recipe, permsparse.OptimizeConfig(workers=1, progress=False))
-    assert sha256(third) == sha256(first) and result.config.calib_samples == 8
+    assert sha256(third) == sha256(first) and result.config.calibration.samples == 8
     fourth = tmp_path / "d" / "m.onnx"
     permsparse.optimize(src, fourth, permsparse.OptimizeConfig(workers=1, progress=False), recipe=recipe)
     assert sha256(fourth) == sha256(first)

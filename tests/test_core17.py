@@ -7,9 +7,9 @@ import pytest
 from conftest import EXPORTERS, sha256
 from onnx import numpy_helper
 
-from permsparse.config import OptimizeConfig
 from permsparse.pattern import check_nm
 from permsparse.pipeline import optimize
+from permsparse.pipeline.config import OptimizeConfig
 
 
 def _matmul_weights(path):
@@ -30,7 +30,7 @@ def test_every_policy_and_reconstruction(exported, tmp_path, name, exporter, pol
     before = sha256(src)
     out = tmp_path / "s.onnx"
     res = optimize(src, out, OptimizeConfig(policy=policy, reconstruct=reconstruct, workers=1, progress=False))
-    assert res.config.policy == policy and res.config.reconstruct == reconstruct
+    assert res.config.permutation.policy == policy and res.config.reconstruction.method == reconstruct
     assert ("block-wise" in res.timings) == (reconstruct == "sparsegpt")
     assert res.equivalence.ok and res.equivalence.max_rel_error < 1e-4
     assert res.selected and all(res.nm_valid[w] for w in res.selected)
@@ -170,7 +170,7 @@ def test_block_checkpoint_store(tmp_path):
     import numpy as np
     import torch
 
-    from permsparse.blockwise.resume import BlockCheckpoint
+    from permsparse.pipeline.blockwise.resume import BlockCheckpoint
 
     ck = BlockCheckpoint(tmp_path, "a" * 64)
     assert ck.load() is None
@@ -198,7 +198,7 @@ def test_block_checkpoint_store(tmp_path):
     # killed after writing block 2's weights and stream but before its state file: commit 2 still stands
     ck2 = BlockCheckpoint(tmp_path / "k", "c" * 64)
     ck2.commit(1, {}, [], [{"index": 0}], s0, w0)
-    real = __import__("permsparse.blockwise.resume", fromlist=["_atomic_write"])
+    real = __import__("permsparse.pipeline.blockwise.resume", fromlist=["_atomic_write"])
     orig = real._atomic_write
 
     def dies_on_state(path, write):
@@ -228,7 +228,7 @@ def test_work_dir_resumes_finished_blocks(exported, tmp_path, caplog):
                          calib_samples=8)
     first = optimize(src, tmp_path / "a.onnx", cfg)
     assert len(first.block_reports) == 4
-    with caplog.at_level(logging.INFO, logger="permsparse.blockwise.engine"):
+    with caplog.at_level(logging.INFO, logger="permsparse.pipeline.blockwise.engine"):
         second = optimize(src, tmp_path / "b.onnx", cfg)
     assert "resuming after block 4 of 4" in caplog.text
     assert "block 0:" not in caplog.text  # nothing recomputed
@@ -236,7 +236,7 @@ def test_work_dir_resumes_finished_blocks(exported, tmp_path, caplog):
     assert [r.err_final for r in second.block_reports] == [r.err_final for r in first.block_reports]
     assert {k: v.tolist() for k, v in second.perms.items()} == {k: v.tolist() for k, v in first.perms.items()}
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="permsparse.blockwise.engine"):
+    with caplog.at_level(logging.INFO, logger="permsparse.pipeline.blockwise.engine"):
         optimize(src, tmp_path / "c.onnx", OptimizeConfig(workers=1, progress=False, work_dir=str(tmp_path / "wd"),
                                                           finetune_epochs=1, calib_samples=8, damp=0.05))
     assert "resuming" not in caplog.text and "block 0:" in caplog.text

@@ -105,9 +105,9 @@ def test_family_blocks_and_closures(family_model, name, exporter):
 
 @pytest.mark.parametrize("name,exporter", _params(FAST_FOLD))
 def test_family_fold_policy_exact_and_valid(family_model, tmp_path, name, exporter):
-    from permsparse.config import OptimizeConfig
     from permsparse.pattern import check_nm
     from permsparse.pipeline import optimize
+    from permsparse.pipeline.config import OptimizeConfig
 
     path = family_model(name, exporter)
     cfg = OptimizeConfig(policy="fold", method="lsa", importance="magnitude", reconstruct="none", progress=False,
@@ -128,8 +128,8 @@ def test_family_fold_policy_exact_and_valid(family_model, tmp_path, name, export
 
 @pytest.mark.parametrize("name,exporter", _params(FAST_DEFAULTS))
 def test_family_blockwise_defaults_end_to_end(family_model, tmp_path, name, exporter):
-    from permsparse.config import OptimizeConfig
     from permsparse.pipeline import optimize
+    from permsparse.pipeline.config import OptimizeConfig
 
     path = family_model(name, exporter)
     cfg = OptimizeConfig(progress=False, workers=1, calib_samples=4, calib_seq_len=16, finetune_epochs=1)
@@ -188,8 +188,8 @@ def test_defaults_fall_back_when_a_block_holds_an_op_torch_lacks(family_model, t
 
     from onnx import helper
 
-    from permsparse.config import OptimizeConfig
     from permsparse.pipeline import optimize
+    from permsparse.pipeline.config import OptimizeConfig
     from permsparse.torchgraph import unsupported_ops
 
     src = family_model("llama", "legacy")
@@ -266,8 +266,7 @@ def test_gemma3_eighteen_layers_one_layer_per_block_pair(tmp_path):
 
 def test_export_verb_offers_every_family(tmp_path):
     """``permsparse export tiny-<family>`` is the registry entry of each family (models/zoo/families.py)."""
-    from permsparse.cli import main
-    from permsparse.config import MODEL_NAMES
+    from permsparse.cli import MODEL_NAMES, main
     from permsparse.models.families import FAMILIES
 
     assert {f"tiny-{name}" for name in FAMILIES} <= set(MODEL_NAMES)

@@ -199,7 +199,7 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
 
 
 def test_failed_verification_writes_nothing(tmp_path, capsys, monkeypatch, exported):
-    import permsparse.steps as steps
+    import permsparse.pipeline.fold as steps
 
     real = steps.apply_fold
 

@@ -150,7 +150,7 @@ def _error(capsys, argv) -> str:
 
 
 def test_bad_input_refused_with_one_line_and_nothing_written(tiny_pair, exported, tmp_path, capsys):
-    from permsparse.models.export import export_model
+    from permsparse.models import export_model
 
     dense, sparse = tiny_pair
     out = tmp_path / "o.onnx"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from permsparse import config
+from permsparse import cli
 from permsparse.errors import PermsparseError, UsageError
 from permsparse.models.registry import MODEL_FAMILIES, model_family, model_sizes
 from permsparse.models.registry import register as register_family
@@ -25,6 +25,7 @@ from permsparse.optimizer.importance import IMPORTANCE_REGISTRY, compute_importa
 from permsparse.optimizer.importance import register as register_importance
 from permsparse.optimizer.methods import METHOD_FACTORIES, make_method
 from permsparse.optimizer.methods import register as register_method
+from permsparse.pipeline import config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,19 +58,20 @@ DUMMY = textwrap.dedent('''
         module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
         return LoadedModel(module, {"input": torch.randn(2, 5, 8)}, {}, ["y"])
 
-    from permsparse import config   # reads the registries now, as the CLI does
+    from permsparse import cli   # reads the registries now, as the CLI does
+    from permsparse.pipeline import config
     from permsparse.cli import build_parser, main
     from permsparse.optimizer.importance import compute_importance
     from permsparse.optimizer.methods import make_method
 
     out = {"methods": list(config.METHODS), "importances": list(config.IMPORTANCES),
-           "calibrated": sorted(config.CALIBRATED_IMPORTANCES), "models": list(config.MODEL_NAMES),
-           "sizes": list(config.MODEL_SIZES)}
+           "calibrated": sorted(config.CALIBRATED_IMPORTANCES), "models": list(cli.MODEL_NAMES),
+           "sizes": list(cli.MODEL_SIZES)}
     args = build_parser().parse_args(["optimize", "m.onnx", "-o", "o.onnx", "--method", "reverse",
                                       "--importance", "squared"])
     out["parsed"] = [args.method, args.importance]
     cfg = config.OptimizeConfig(method="reverse", importance="squared").resolved()
-    out["resolved"] = [cfg.method, cfg.importance, cfg.needs_calibration]
+    out["resolved"] = [cfg.permutation.method, cfg.mask.importance, cfg.needs_calibration]
     from permsparse.optimizer.base import PermutationProblem
     p = PermutationProblem(name="u", importances=(np.ones((8, 3)),), block=4)
     out["perm"] = make_method("reverse").solve(p).tolist()
@@ -113,10 +115,10 @@ def test_config_names_are_the_registries():
     assert config.IMPORTANCES == tuple(n for n, i in IMPORTANCE_REGISTRY.items() if i.offered)
     assert config.IMPORTANCES == ("magnitude", "wanda", "ria")
     assert config.CALIBRATED_IMPORTANCES == frozenset({"wanda", "ria"})
-    assert config.MODEL_NAMES == tuple(MODEL_FAMILIES)
-    assert config.MODEL_NAMES[:5] == ("minilm", "smollm2", "vit", "llama", "hf")
-    assert all(name.startswith("tiny-") for name in config.MODEL_NAMES[5:])
-    assert config.MODEL_SIZES == model_sizes() == ("tiny", "small", "b16", "1b")
+    assert cli.MODEL_NAMES == tuple(MODEL_FAMILIES)
+    assert cli.MODEL_NAMES[:5] == ("minilm", "smollm2", "vit", "llama", "hf")
+    assert all(name.startswith("tiny-") for name in cli.MODEL_NAMES[5:])
+    assert cli.MODEL_SIZES == model_sizes() == ("tiny", "small", "b16", "1b")
     with pytest.raises(UsageError, match="channel_swap"):
         config.OptimizeConfig(method="reverse").resolved()
     with pytest.raises(UsageError, match="ria"):

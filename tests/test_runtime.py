@@ -466,7 +466,7 @@ def test_linear_sparse_script_without_gpu() -> None:
 
 
 def test_backend_registry_and_runner_interface(models: dict[str, Path]) -> None:
-    from permsparse import config
+    from permsparse import cli
     from permsparse.runtime.backends import (
         Runner,
         backend_names,
@@ -476,7 +476,7 @@ def test_backend_registry_and_runner_interface(models: dict[str, Path]) -> None:
     )
     from permsparse.runtime.backends.ort import OrtRunner
 
-    assert backend_names() == config.BACKENDS == ("ort", "torch", "tensorrt")
+    assert backend_names() == cli.BACKENDS == ("ort", "torch", "tensorrt")
     assert get_backend("ort") is OrtRunner and OrtRunner.name == "ort" and OrtRunner.summary
     with pytest.raises(PermsparseError, match="ort, torch, tensorrt"):
         get_backend("tvm")

@@ -130,7 +130,7 @@ def hf_tiny(tmp_path_factory) -> Callable[[str, str], Path]:
 
     def get(exporter: str, dtype: str = "float32") -> Path:
         if (exporter, dtype) not in cache:
-            from permsparse.models.export import export_model, export_onnx
+            from permsparse.models import export_model, export_onnx
             from permsparse.models.hf import load_hf_checkpoint
 
             path = root / f"hf_{exporter}_{dtype}.onnx"

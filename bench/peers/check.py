@@ -88,7 +88,7 @@ def dense_onnx(hf_dir: Path, path: Path, exporter: str) -> tuple[Path, float]:
     if path.is_file() and path.stat().st_mtime > weights:
         log.info("reusing %s", path)
         return path, 0.0
-    from permsparse.models.export import export_model
+    from permsparse.models import export_model
 
     t0 = time.perf_counter()
     export_model("hf", path, exporter=exporter, hf_dir=str(hf_dir))

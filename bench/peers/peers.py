@@ -376,7 +376,7 @@ def run_peer(
     log.info("running %s in the peers venv (log: %s)", method, log_path)
     peer = _peer_json(_run_subprocess(cmd, log_path, timeout_s), log_path)
 
-    from permsparse.models.export import export_model
+    from permsparse.models import export_model
 
     onnx_path = out / "model.onnx"
     t0 = time.perf_counter()

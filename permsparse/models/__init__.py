@@ -16,7 +16,7 @@ _LAZY = {
     "MODEL_FAMILIES": "permsparse.models.zoo",
     "LinearMatMul": "permsparse.models.export",
     "count_linear": "permsparse.models.export",
-    "export_model": "permsparse.models.export",
+    "export_model": "permsparse.models.zoo",
     "export_onnx": "permsparse.models.export",
     "linear_matmuls": "permsparse.models.export",
     "summarize_onnx": "permsparse.models.export",

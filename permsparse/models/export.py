@@ -26,8 +26,6 @@ import torch
 from torch import nn
 
 from permsparse.errors import PermsparseError
-from permsparse.models.registry import ExportRequest
-from permsparse.models.zoo import EXPORTERS, MODEL_FAMILIES, model_family
 
 logger = logging.getLogger(__name__)
 
@@ -302,40 +300,6 @@ def _check_linears(model: onnx.ModelProto, module: nn.Module, exporter: str) -> 
         "tied embedding) and will not be pruned.",
         exporter, n_linear, len(found), gemms,
     )
-
-
-def export_model(
-    name: str,
-    path: str | os.PathLike[str],
-    *,
-    exporter: str = "dynamo",
-    size: str = "tiny",
-    seed: int = 0,
-    hf_dir: str | None = None,
-    dtype: str = "float32",
-) -> Path:
-    """Build or load model ``name`` (a family of :data:`~permsparse.models.registry.MODEL_FAMILIES`: ``minilm``,
-    ``smollm2``, ``vit``, ``llama``, ``hf``) and export it to ``path``.
-
-    ``size`` picks a preset for ``vit`` (tiny, small, b16) and ``llama`` (tiny, small, 1b); ``seed`` seeds the
-    built-in models' weights; ``hf_dir`` is the checkpoint directory for ``hf`` (its tokenizer is written beside
-    the ONNX file); ``dtype`` (``float32``, ``float16``, ``bfloat16``) is the weights' type for ``hf``/``smollm2``.
-    """
-    if exporter not in EXPORTERS:
-        raise PermsparseError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
-    family = model_family(name)
-    if dtype != "float32" and not family.dtypes:
-        takes = "/".join(sorted(n for n, f in MODEL_FAMILIES.items() if f.dtypes))
-        raise PermsparseError(f"dtype {dtype} applies to {takes} checkpoints; the built-in models export in float32")
-    request = ExportRequest(size=size, seed=seed, hf_dir=None if hf_dir is None else str(hf_dir), dtype=dtype)
-    loaded = family.load(request)
-    out = export_onnx(loaded.module, loaded.example_inputs, path, dynamo=exporter == "dynamo",
-                      dynamic_axes=loaded.dynamic_axes, output_names=loaded.output_names)
-    if family.tokenizer is not None:
-        from permsparse.models.hf import save_tokenizer_beside
-
-        save_tokenizer_beside(family.tokenizer(request), out)
-    return out
 
 
 def summarize_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The model families of ``permsparse export``: a registry that the CLI choices (``model``, ``--size``) and
-:func:`permsparse.models.export.export_model` read.
+:func:`permsparse.models.zoo.export_model` read.
 
 :data:`MODEL_FAMILIES` maps each family name to a :class:`ModelFamily`, filled by the :func:`register` decorator in
 the family's own module under :mod:`permsparse.models.zoo` (imported explicitly there, in the order the CLI lists

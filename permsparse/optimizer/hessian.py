@@ -2,7 +2,7 @@
 
 ``H_d = H + λI`` with ``λ = damp · mean(diag H)`` (dead channels, whose row and column of the Gram matrix are zero,
 get ``1 + λ`` on the diagonal so they decouple). :data:`DEFAULT_DAMP` is the default of ``--damp``
-(:class:`permsparse.config.OptimizeConfig`), of :func:`permsparse.optimizer.sparsegpt.sparsegpt_nm`, of the OBS
+(:class:`permsparse.pipeline.config.OptimizeConfig`), of :func:`permsparse.optimizer.sparsegpt.sparsegpt_nm`, of the OBS
 importance and of the reconstruction objective. Light at import (numpy; torch only when a factorization runs).
 
 Invariant: ``H_d`` is symmetric positive definite whenever ``H`` is a Gram matrix XᵀX and ``damp > 0``.

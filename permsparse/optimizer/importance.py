@@ -22,7 +22,7 @@ Scores are non-negative ``float32`` arrays shaped like ``W`` (sums are taken in 
 
 The registry: :data:`IMPORTANCE_REGISTRY` maps each name to an :class:`Importance` (its score function, which
 statistics it needs, whether ``--importance`` offers it), filled by the :func:`register` decorator below; the CLI
-choices and :class:`permsparse.config.OptimizeConfig`'s validation read it. Adding an importance: one registered
+choices and :class:`permsparse.pipeline.config.OptimizeConfig`'s validation read it. Adding an importance: one registered
 function here plus a test. :func:`masking_score` is the one entry point of the pipeline (whole-model, block-wise and
 the plain N:M comparison): it derives ``‖X_k‖ = sqrt(H_kk)`` from a Hessian when that is what the caller holds.
 

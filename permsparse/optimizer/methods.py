@@ -5,7 +5,7 @@ the :func:`register` decorator below, in the order the CLI lists them. The facto
 lazily, so reading the names (``permsparse optimize --help``) loads no torch.
 
 Adding a method: its class in its own module, one ``@register("name")`` factory here, and a test
-(``tests/test_registries.py`` shows that a registered name reaches the CLI and :class:`permsparse.config.OptimizeConfig`).
+(``tests/test_registries.py`` shows that a registered name reaches the CLI and :class:`permsparse.pipeline.config.OptimizeConfig`).
 
 Invariant: :func:`make_method` answers exactly the names of :data:`METHOD_FACTORIES`, and ``seed``/``budget_s`` reach
 every method that takes them.

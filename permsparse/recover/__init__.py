@@ -82,7 +82,7 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     import numpy as np
     import torch
 
-    from permsparse.blockwise.state import half_weights
+    from permsparse.pipeline.blockwise.state import half_weights
     from permsparse.errors import PermsparseError
     from permsparse.ir.model import model_files
     from permsparse.ir.save import check_output, work_dir

@@ -1,4 +1,5 @@
-"""``permsparse recover``: the verb's parser and handler (kept here so ``cli.py`` only registers it)."""
+"""``permsparse recover``: the verb's parser and options (kept here so ``cli.py`` only registers them; the handler is
+:func:`permsparse.cli_verbs._cmd_recover`, like every verb's)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def add_recover_options(p: argparse.ArgumentParser, *, verb: bool) -> None:
         p.add_argument("--device", choices=DEVICES, default=None, help="torch device (default cpu)")
 
 
-def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None], handler_name: str = "recover") -> None:
+def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None],
+               handler: Callable[[argparse.Namespace], Any]) -> None:
     p = sub.add_parser(
         "recover", help="distil a sparse model from its dense teacher, masks frozen (recovery)",
         description="Trains the kept weights, biases and norms of SPARSE.onnx (2:4 masks frozen, same graph) against "
@@ -42,7 +44,7 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None], hand
     p.add_argument("--work-dir", default=None, metavar="DIR",
                    help="keep checkpoints and the teacher cache here; a killed recovery resumes from it")
     p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=run_verb)
+    p.set_defaults(func=handler)
 
 
 def config_from_args(args: argparse.Namespace, *, verb: bool):
@@ -62,18 +64,4 @@ def config_from_args(args: argparse.Namespace, *, verb: bool):
     return cfg
 
 
-def run_verb(args: argparse.Namespace):
-    from permsparse.cli_verbs import Outcome
-    from permsparse.recover import recover
-
-    res = recover(args.model, args.teacher, args.output, config_from_args(args, verb=True))
-    name = "perplexity" if res.metric == "ppl" else "pooled cosine"
-    verdict = (f"{res.heldout_before:.4g} -> {res.heldout_best:.4g} (best at step {res.best_step})" if res.improved
-               else f"{res.heldout_before:.4g}, not improved: the input's weights were written")
-    text = (f"recovered {args.model} -> {res.output}: held-out {name} {verdict}; {res.steps} steps, {res.tokens} "
-            f"tokens, {res.seconds:.0f} s on {res.device}, {res.trained_tensors} tensors trained ({res.params}), "
-            f"{res.masked_weights} weights kept 2:4, peak RSS {res.peak_rss_mb:.0f} MB")
-    return Outcome(text, res.to_dict())
-
-
-__all__ = ["add_parser", "add_recover_options", "config_from_args", "run_verb"]
+__all__ = ["add_parser", "add_recover_options", "config_from_args"]

@@ -87,19 +87,19 @@ def load_proto(path: Path) -> onnx.ModelProto:
 
 def analyze_teacher(teacher: Path):
     """``(plan, block plan or None)`` of the dense teacher (the optimize pipeline's own load → probe → analyze → partition)."""
-    from permsparse import steps
-    from permsparse.config import OptimizeConfig
     from permsparse.passes.blocks import partition
+    from permsparse.pipeline import read
+    from permsparse.pipeline.config import OptimizeConfig
 
-    run = steps.Run(Path(teacher), None, OptimizeConfig().resolved())
-    steps.load(run)
-    steps.probe_shapes(run)
-    steps.analyze_graph(run)
-    bp = partition(run.graph, run.plan)
+    cfg = OptimizeConfig().resolved()
+    source = read.load(Path(teacher), None)
+    analysis = read.analyze(source, read.probe_shapes(source, cfg.check, cfg.seed), cfg.mask,
+                            cfg.permutation.policy)
+    bp = partition(analysis.graph, analysis.plan)
     if bp is None:
         log.warning("%s: no Transformer blocks found (no residual-stream tensor cuts the graph): recovery runs the "
                     "whole model without activation checkpointing and without the per-block term", teacher)
-    return run.plan, bp
+    return analysis.plan, bp
 
 
 def find_trainable(student: onnx.ModelProto, base: Path, plan, n: int, m: int, params: str) -> Trainable:
@@ -153,7 +153,7 @@ def build_pieces(model: onnx.ModelProto, base: Path, bp, *, upcast: bool, device
                  tensors: dict[str, torch.Tensor] | None = None) -> Pieces:
     """Prefix, blocks and suffix of ``model`` as programs. ``tensors`` (trainable fp32 tensors by constant name)
     are served as those constants' values (sharing memory on the CPU), so nothing is held twice."""
-    from permsparse.blockwise.state import graph_inputs
+    from permsparse.pipeline.blockwise.state import graph_inputs
     from permsparse.torchgraph import GraphProgram, ProgramConfig
     from permsparse.torchgraph.subgraph import ModelIndex
 

@@ -14,21 +14,25 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from permsparse.pipeline.config import ResolvedConfig
 
 log = logging.getLogger(__name__)
 
 
-def recover_output(src: Path, dst: Path, cfg) -> dict:
+def recover_output(src: Path, dst: Path, cfg: ResolvedConfig) -> dict:
     """Recover ``dst`` in place from teacher ``src`` with ``cfg.recover``; returns the recovery's facts."""
     from permsparse.ir.save import atomic_write_text, data_file_of, work_dir
     from permsparse.recover import recover
     from permsparse.recover.config import RecoverConfig
 
     rc = cfg.recover if isinstance(cfg.recover, RecoverConfig) else RecoverConfig(**dict(cfg.recover))
-    if rc.calib is None and cfg.calib is not None:
-        rc = RecoverConfig(**{**vars(rc), "calib": cfg.calib})
-    if rc.tokenizer is None and cfg.tokenizer is not None:
-        rc = RecoverConfig(**{**vars(rc), "tokenizer": cfg.tokenizer})
+    if rc.calib is None and cfg.calibration.source is not None:
+        rc = RecoverConfig(**{**vars(rc), "calib": cfg.calibration.source})
+    if rc.tokenizer is None and cfg.calibration.tokenizer is not None:
+        rc = RecoverConfig(**{**vars(rc), "tokenizer": cfg.calibration.tokenizer})
     if rc.progress is None:
         rc = RecoverConfig(**{**vars(rc), "progress": cfg.progress})
     with work_dir(dst.parent, "recover-out") as tmp:
@@ -39,7 +43,7 @@ def recover_output(src: Path, dst: Path, cfg) -> dict:
         os.replace(out, dst)
     facts = res.to_dict()
     facts["output"] = str(dst)
-    from permsparse.recipe import recipe_path
+    from permsparse.pipeline.recipe import recipe_path
 
     recipe = recipe_path(dst)
     if recipe.exists():

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from permsparse.config import PRECISIONS
 from permsparse.errors import PermsparseError
 from permsparse.ir.model import load_model
 from permsparse.ir.save import save_model
+from permsparse.runtime.choices import PRECISIONS
 
 logger = logging.getLogger(__name__)
 

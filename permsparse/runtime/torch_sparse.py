@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from permsparse.config import SPARSE_METHODS
+from permsparse.runtime.choices import SPARSE_METHODS
 from permsparse.runtime.timing import TimingStats, auto_inner, time_callable
 
 logger = logging.getLogger(__name__)

@@ -24,13 +24,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from permsparse.config import PRECISIONS
 from permsparse.errors import PermsparseError
 from permsparse.ir.inputs import graph_inputs
 from permsparse.ir.model import load_model
 from permsparse.ir.save import atomic_write_bytes
 from permsparse.ir.shapes import ShapeSpec, derive_profiles, format_profiles
 from permsparse.ir.weights import MIN_SPARSE_CHANNELS, model_weight_status
+from permsparse.runtime.choices import PRECISIONS
 from permsparse.runtime.precision import convert_precision, model_float_type
 from permsparse.runtime.sparsity import (
     BuildReport,

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import torch
 
-from permsparse.blockwise.state import graph_inputs
 from permsparse.ir.compare import Equivalence, rel_error
 from permsparse.passes.blocks import BlockPlan
+from permsparse.pipeline.blockwise.state import graph_inputs
 
 log = logging.getLogger(__name__)
 

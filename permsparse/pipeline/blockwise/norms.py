@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import torch
 
-from permsparse.blockwise.state import HessianSet, graph_inputs, half_weights
 from permsparse.errors import PermsparseError
 from permsparse.passes.blocks import BlockPlan
+from permsparse.pipeline.blockwise.state import HessianSet, graph_inputs, half_weights
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The learning step: from a plan's units to permutation problems, solved by a method.
+"""From a plan's units to permutation problems, solved by a method (the learning steps' numerics glue).
 
 A unit's problem lives in its *canonical channel space* (``classes × block`` channels of its closure, or the K rows of
 a cut sibling group): every sibling weight's importance is mapped there — rows already in canonical order are used as
@@ -26,6 +26,7 @@ from permsparse.pattern import NMPattern
 
 if TYPE_CHECKING:
     from permsparse.optimizer.checkpoint import CheckpointStore
+    from permsparse.pipeline.config import PermutationConfig, ResolvedConfig
 
 log = logging.getLogger(__name__)
 
@@ -144,35 +145,36 @@ def open_solver(cluster: str | None, work_dir: str | os.PathLike[str] | None,
             executor.shutdown(wait=False, cancel_futures=True)
 
 
-def solve_problems(plan: Plan, problems: list[tuple[Unit, tuple, object]], cfg,
+def solve_problems(plan: Plan, problems: list[tuple[Unit, tuple, object]], cfg: ResolvedConfig,
                    solver: Solver | None = None) -> tuple[dict[str, np.ndarray], list[UnitReport]]:
-    """Solve ``(unit, canonical importances, output terms or None)`` triples with ``cfg.method``."""
+    """Solve ``(unit, canonical importances, output terms or None)`` triples with the configured method."""
     from permsparse.optimizer.solve import solve_all
 
     solver = solver or Solver()
 
-    if cfg.method == "identity" or not problems:
+    p = cfg.permutation
+    if p.method == "identity" or not problems:
         return {u.name: np.arange(u.k) for u, _, _ in problems}, []
     built = []
     for u, mats, outputs in problems:
         kw = {"outputs": outputs} if outputs is not None else {}
         built.append(PermutationProblem(name=u.name, importances=mats, block=u.block, n=plan.n, m=plan.m, **kw))
-    results = solve_all(built, cfg.method, workers=cfg.workers, seed=cfg.seed, budget_s=None,
-                        learned_config=_learned_config(cfg), progress=False, executor=solver.executor,
+    results = solve_all(built, p.method, workers=p.workers, seed=cfg.seed, budget_s=None,
+                        learned_config=_learned_config(p), progress=False, executor=solver.executor,
                         checkpoint=solver.checkpoint)
     perms = {u.name: np.asarray(r.perm) for (u, _, _), r in zip(problems, results)}
     reports = [UnitReport(u, r) for (u, _, _), r in zip(problems, results)]
     return perms, reports
 
 
-def _learned_config(cfg):
+def _learned_config(p: PermutationConfig):
     from dataclasses import replace
 
-    if cfg.method != "learned":
+    if p.method != "learned":
         return None
-    if cfg.learned is not None:
-        return replace(cfg.learned, objective=cfg.objective) if cfg.objective == "output" else cfg.learned
-    if cfg.objective == "output":
+    if p.learned is not None:
+        return replace(p.learned, objective=p.objective) if p.objective == "output" else p.learned
+    if p.objective == "output":
         from permsparse.optimizer.learned import LearnedConfig
 
         return LearnedConfig(objective="output")

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from permsparse.blockwise.state import CalibState
 from permsparse.passes.analysis import Plan
 from permsparse.passes.blocks import Block
+from permsparse.pipeline.blockwise.state import CalibState
+
+if TYPE_CHECKING:
+    from permsparse.pipeline.config import ResolvedConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +50,18 @@ def finetune(
     eff: Mapping[str, np.ndarray],
     masks: Mapping[str, np.ndarray],
     plan: Plan,
-    cfg: Any,
+    cfg: ResolvedConfig,
     err_before: float,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Tuned ``[K, N]`` weights (masked) and the block's relative error with them."""
     params = {w: torch.tensor(np.asarray(eff[w]), dtype=torch.float32, requires_grad=True) for w in eff}
     keep = {w: torch.as_tensor(np.asarray(masks[w]), dtype=torch.float32) for w in eff}
-    opt = torch.optim.Adam(list(params.values()), lr=cfg.finetune_lr)
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.reconstruction.finetune_lr)
     gen = torch.Generator().manual_seed(cfg.seed + block.index)
     scales = [float((y**2).mean()) or 1.0 for y in targets]
-    steps = cfg.finetune_epochs * len(state.batches)
+    steps = cfg.reconstruction.finetune_epochs * len(state.batches)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    for _ in range(cfg.finetune_epochs):
+    for _ in range(cfg.reconstruction.finetune_epochs):
         for i in torch.randperm(len(state.batches), generator=gen).tolist():
             b = state.batches[i]
             overrides = {plan.weights[w].const: _stored(plan, w, p * keep[w]) for w, p in params.items()}

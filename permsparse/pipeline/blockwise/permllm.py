@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from permsparse.blockwise.state import CalibState
 from permsparse.optimizer.relax import hard_topn, hungarian, log_sinkhorn, soft_topn
 from permsparse.passes.analysis import Plan
 from permsparse.passes.blocks import Block
 from permsparse.passes.fold import Unit
+from permsparse.pipeline.blockwise.state import CalibState
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ are deleted only after the new commit), or the new one. :meth:`BlockCheckpoint.l
 anything inconsistent as absent (the run then starts from block 0).
 
 Run key (:func:`run_key`): SHA-256 of the permsparse version, the input model's digest, every option that can change
-the block-wise result (all of :class:`~permsparse.config.OptimizeConfig` but progress, workers, cluster, work dir,
+the block-wise result (every option of the resolved config, :meth:`~permsparse.pipeline.config.ResolvedConfig.to_dict`, but progress, workers, cluster, work dir,
 evaluation, check and mask), the permutations fixed before the loop, the block plan and the calibration batches'
 bytes. Invariant: a resumed run continues from exactly the state the interrupted run had after its last committed
 block (same stream tensors bit for bit, same weights, same permutations), so it computes what an uninterrupted run
@@ -23,26 +23,28 @@ computes; any change of model, options or data gives another key, so stale state
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from permsparse.ir.model import file_sha256
 from permsparse.optimizer.checkpoint import atomic_write as _atomic_write
 
+if TYPE_CHECKING:
+    from permsparse.pipeline.config import ResolvedConfig
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 #: Options that cannot change what the block loop computes (left out of the run key).
 _NOT_IN_KEY = frozenset({"progress", "workers", "cluster", "work_dir", "evaluate", "check", "mask", "rtol",
-                         "recipe_perms", "budget_s"})
+                         "recipe_perms", "budget_s", "recover"})
 
 
 def _sha(data: bytes) -> str:
@@ -55,16 +57,16 @@ def _hash_array(h, a: Any) -> None:
     h.update(arr.tobytes())
 
 
-def run_key(model_digest: str, cfg: Any, pre_perms: dict[str, np.ndarray], blocks: Any,
+def run_key(model_digest: str, cfg: ResolvedConfig, pre_perms: dict[str, np.ndarray], blocks: Any,
             feeds: list[dict[str, np.ndarray]]) -> str:
     """The key of one block-wise run (see the module docstring)."""
     from permsparse import __version__
 
     h = hashlib.sha256()
     h.update(f"permsparse-blocks|{FORMAT}|{__version__}|{model_digest}|".encode())
-    for f in dataclasses.fields(cfg):
-        if f.name not in _NOT_IN_KEY:
-            h.update(f"{f.name}={getattr(cfg, f.name)!r}|".encode())
+    for name, value in cfg.to_dict().items():
+        if name not in _NOT_IN_KEY:
+            h.update(f"{name}={value!r}|".encode())
     for name in sorted(pre_perms):
         h.update(f"perm|{name}|".encode())
         _hash_array(h, np.asarray(pre_perms[name], dtype=np.int64))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from permsparse.config import CALIBRATED_IMPORTANCES
+from permsparse.pipeline.config import CALIBRATED_IMPORTANCES
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def plain_nm_model(src: Path, result: Any, dst: Path) -> Path:
     plan = result.plan
     x_norms = dict(result.x_norms)
     missing = sorted({plan.weights[n].input for n in result.selected} - set(x_norms))
-    if cfg.importance in CALIBRATED_IMPORTANCES and missing:  # block-wise runs keep Hessians, not the dense ‖X‖
-        from permsparse.steps import input_norms
+    if cfg.mask.importance in CALIBRATED_IMPORTANCES and missing:  # block-wise runs keep Hessians, not the dense ‖X‖
+        from permsparse.pipeline.learn import input_norms
 
         x_norms.update(input_norms(src, missing, cfg, progress=False))
     model = load_model(src, check=False)
@@ -50,7 +50,7 @@ def plain_nm_model(src: Path, result: Any, dst: Path) -> Path:
         def fn(stored: np.ndarray) -> np.ndarray:
             wk = np.asarray(w.k_major(stored), dtype=np.float32)
             x = x_norms.get(w.input)
-            imp = masking_score(cfg.importance, wk, x_norm=x, missing="magnitude")
+            imp = masking_score(cfg.mask.importance, wk, x_norm=x, missing="magnitude")
             return mask_weight(w, stored, imp, plan.pattern)[0]
         return fn
 
@@ -66,7 +66,7 @@ def evaluate_quality(src: Path, output: Path, result: Any, work: Path) -> dict[s
 
     cfg = result.config
     feeds = make_feeds(str(src), None, samples=HELDOUT_SAMPLES, batch_size=8,
-                       seq_len=cfg.calib_seq_len, tokenizer_dir=cfg.tokenizer, seed=cfg.seed + 1, split="heldout")
+                       seq_len=cfg.calibration.seq_len, tokenizer_dir=cfg.calibration.tokenizer, seed=cfg.seed + 1, split="heldout")
     plain = plain_nm_model(src, result, work / "plain.onnx")
     return {
         "plain": evaluate_drift(str(src), str(plain), feeds, progress=False),

@@ -24,28 +24,31 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import torch
 
-from permsparse.blockwise.state import (
+from permsparse.errors import PermsparseError
+from permsparse.ir.graph import ConstRef
+from permsparse.optimizer.base import SolveResult
+from permsparse.passes.analysis import Plan
+from permsparse.passes.blocks import Block, BlockPlan
+from permsparse.passes.fold import Unit, block_perm
+from permsparse.pattern import nm_keep_mask
+from permsparse.pipeline.blockwise.state import (
     Batch,
     CalibState,
     HessianSet,
     graph_inputs,
     half_weights,
 )
-from permsparse.blockwise.store import WeightStore
-from permsparse.errors import PermsparseError
-from permsparse.ir.graph import ConstRef
-from permsparse.learn import UnitReport, canonical_importance, row_map
-from permsparse.optimizer.base import SolveResult
-from permsparse.passes.analysis import Plan
-from permsparse.passes.blocks import Block, BlockPlan
-from permsparse.passes.fold import Unit, block_perm
-from permsparse.pattern import nm_keep_mask
+from permsparse.pipeline.blockwise.store import WeightStore
+from permsparse.pipeline.problems import UnitReport, canonical_importance, row_map
+
+if TYPE_CHECKING:
+    from permsparse.pipeline.config import ResolvedConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +96,11 @@ class Engine:
     """Runs the sequential loop for one model (see the module docstring)."""
 
     def __init__(self, model: onnx.ModelProto, base_dir: Path, plan: Plan, units: list[Unit], bp: BlockPlan,
-                 consts: Mapping[str, ConstRef], cfg: Any, store: WeightStore):
+                 consts: Mapping[str, ConstRef], cfg: ResolvedConfig, store: WeightStore):
         self.model, self.base_dir, self.plan, self.bp, self.consts, self.cfg = model, base_dir, plan, bp, consts, cfg
         self.store = store
-        self.solver = None  # permsparse.learn.Solver of the run (executor, checkpoint); None: local pool, no checkpoint
-        self.checkpoint = None  # permsparse.blockwise.resume.BlockCheckpoint (--work-dir): committed after each block
+        self.solver = None  # permsparse.pipeline.problems.Solver of the run (executor, checkpoint); None: local pool, no checkpoint
+        self.checkpoint = None  # permsparse.pipeline.blockwise.resume.BlockCheckpoint (--work-dir): committed after each block
         self.units = units
         self.unit_of: dict[str, Unit] = {w: u for u in units for w in u.weights}
         self.upcast = half_weights(model)
@@ -205,7 +208,7 @@ class Engine:
                 if block.input in inputs_needed:
                     hs.observe(block.input, b.sparse)
                 y_local = prog.run({block.input: b.sparse, **b.side}, hook=hs.observe)[block.output].float()
-                if cfg.teacher == "dense":
+                if cfg.reconstruction.teacher == "dense":
                     y = prog.run({block.input: b.dense, **b.side})[block.output].float()
                 else:
                     y = y_local
@@ -218,7 +221,7 @@ class Engine:
                        if u.name not in result.perms]
         if block_units:
             perms, reports = self.learn(block_units, wk, hessians)
-            if cfg.objective == "block":
+            if cfg.permutation.objective == "block":
                 perms = self.learn_jointly(prog, block, state, targets, block_units, perms, wk, hessians)
             result.perms.update(perms)
             result.unit_reports.extend(reports)
@@ -234,8 +237,8 @@ class Engine:
         overrides = {self.plan.weights[w].const: self.stored_tensor(w, eff[w]) for w in names}
         err_pruned = self.error(prog, block, state, overrides, targets)
         err_final = err_pruned
-        if cfg.finetune_epochs:
-            from permsparse.blockwise.finetune import finetune
+        if cfg.reconstruction.finetune_epochs:
+            from permsparse.pipeline.blockwise.finetune import finetune
 
             tuned, err_final = finetune(prog, block, state, targets, {w: eff[w] for w in names},
                                         {w: masks[w] for w in names}, self.plan, cfg, err_pruned)
@@ -243,12 +246,12 @@ class Engine:
             overrides = {self.plan.weights[w].const: self.stored_tensor(w, eff[w]) for w in names}
         with torch.no_grad():
             for b, y in zip(state.batches, targets):
-                if cfg.sequential:
+                if cfg.reconstruction.sequential:
                     b.sparse = prog.run({block.input: b.sparse, **b.side}, overrides=overrides)[block.output].float()
-                    if cfg.teacher == "dense":
+                    if cfg.reconstruction.teacher == "dense":
                         b.dense = y
                 else:  # every block calibrated on the dense model's own activations
-                    b.sparse = b.dense = y if cfg.teacher == "dense" else \
+                    b.sparse = b.dense = y if cfg.reconstruction.teacher == "dense" else \
                         prog.run({block.input: b.dense, **b.side})[block.output].float()
         for w in names:
             self.store.put(w, self.plan.weights[w].stored(eff[w]))
@@ -256,22 +259,22 @@ class Engine:
         return BlockReport(block.index, len(names), err_pruned, err_final, 0.0)
 
     def error(self, prog, block: Block, state: CalibState, overrides, targets) -> float:
-        from permsparse.blockwise.finetune import block_error
+        from permsparse.pipeline.blockwise.finetune import block_error
 
         return block_error(prog, block, state, overrides, targets)
 
     # ------------------------------------------------------------------------------------------------ steps
 
     def learn(self, units: list[Unit], wk: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray]):
-        from permsparse.learn import solve_problems
+        from permsparse.pipeline.problems import solve_problems
 
         cfg = self.cfg
         problems = []
         for u in units:
-            imps = {w: score(self.mask_score, wk[w], hessians.get(self.plan.weights[w].input), cfg.damp)
+            imps = {w: score(self.mask_score, wk[w], hessians.get(self.plan.weights[w].input), cfg.reconstruction.damp)
                     for w in u.weights}
             outputs = None
-            if cfg.objective == "output":
+            if cfg.permutation.objective == "output":
                 from permsparse.optimizer.base import OutputTerm
 
                 outputs = tuple(OutputTerm(weight=wk[w], hessian=hessians[self.plan.weights[w].input], score=imps[w],
@@ -282,11 +285,14 @@ class Engine:
 
     def learn_jointly(self, prog, block: Block, state: CalibState, targets, units: list[Unit], p0, wk, hessians):
         """PermLLM: refine the units' permutations jointly on the block's output (:mod:`.permllm`)."""
-        from permsparse.blockwise.permllm import PermLLMConfig, learn_block_perms
+        from permsparse.pipeline.blockwise.permllm import (
+            PermLLMConfig,
+            learn_block_perms,
+        )
 
         cfg = self.cfg
         in_units = {w for u in units for w in u.weights}
-        scores = {w: score(cfg.importance, wk[w], hessians.get(self.plan.weights[w].input), cfg.damp)
+        scores = {w: score(cfg.mask.importance, wk[w], hessians.get(self.plan.weights[w].input), cfg.reconstruction.damp)
                   for w in in_units}
         fixed = {}
         for w in block.weights:
@@ -294,24 +300,24 @@ class Engine:
                 u = self.unit_of.get(w)
                 sigma = weight_row_perm(self.plan, u, p0.get(u.name) if u else None, w)
                 fixed[w] = self.prune(w, wk[w], hessians.get(self.plan.weights[w].input), sigma)[0]
-        pcfg = PermLLMConfig(steps=cfg.block_steps)
+        pcfg = PermLLMConfig(steps=cfg.permutation.block_steps)
         return learn_block_perms(prog, block, state, targets, self.plan, units, p0, wk, scores, fixed,
                                  lambda u, p, w: weight_row_perm(self.plan, u, p, w),
                                  lambda u, w: row_map(self.plan, u, w), pcfg, cfg.seed + block.index)
 
     @property
     def mask_score(self) -> str:
-        return "obs" if self.cfg.reconstruct == "sparsegpt" else self.cfg.importance
+        return "obs" if self.cfg.reconstruction.method == "sparsegpt" else self.cfg.mask.importance
 
     def prune(self, name: str, wk: np.ndarray, h: np.ndarray | None, sigma: np.ndarray | None):
         """``(W_eff, keep mask)`` in the weight's original row order, ``[K, N]``."""
         n, m = self.plan.pattern.n, self.plan.pattern.m
-        if self.cfg.reconstruct == "sparsegpt" and h is not None:
+        if self.cfg.reconstruction.method == "sparsegpt" and h is not None:
             from permsparse.optimizer.sparsegpt import sparsegpt_nm
 
-            res = sparsegpt_nm(wk, h, n, m, perm=sigma, damp=self.cfg.damp, compute_error=False)
+            res = sparsegpt_nm(wk, h, n, m, perm=sigma, damp=self.cfg.reconstruction.damp, compute_error=False)
             return np.asarray(res.weight, dtype=np.float32), np.asarray(res.mask, dtype=bool)
-        imp = score(self.cfg.importance, wk, h, self.cfg.damp)
+        imp = score(self.cfg.mask.importance, wk, h, self.cfg.reconstruction.damp)
         order = np.arange(wk.shape[0]) if sigma is None else sigma
         keep_p = nm_keep_mask(imp[order], n, m)
         keep = np.empty_like(keep_p)

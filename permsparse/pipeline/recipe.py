@@ -38,7 +38,8 @@ def write_recipe(result: Any, src: Path, dst: Path) -> Path:
         "input": str(src.name),
         "input_sha256": result.input_sha256,
         "options": cfg.to_dict(),
-        "calibration": cfg.calib or ("built-in text mix (wiki, news, film, manuals, comments)" if cfg.needs_calibration else None),
+        "calibration": cfg.calibration.source or ("built-in text mix (wiki, news, film, manuals, comments)"
+                                                  if cfg.needs_calibration else None),
         "units": {name: [int(x) for x in perm] for name, perm in result.perms.items()},
     }
     return atomic_write_text(recipe_path(dst), json.dumps(doc, indent=1) + "\n")
@@ -66,7 +67,7 @@ RUNTIME_OPTIONS = ("workers", "cluster", "work_dir", "budget_s", "progress", "ev
 
 
 def replay_config(recipe: str | os.PathLike[str] | dict[str, Any], config: Any = None) -> Any:
-    """The :class:`~permsparse.config.OptimizeConfig` that replays ``recipe`` (a path or a read recipe).
+    """The :class:`~permsparse.pipeline.config.OptimizeConfig` that replays ``recipe`` (a path or a read recipe).
 
     Every recorded option of the result is taken from the recipe (method, importance, reconstruction, calibration,
     seed, ...) so the replay makes the same model; options given in ``config`` (not ``None``) win, except the ones that
@@ -75,7 +76,7 @@ def replay_config(recipe: str | os.PathLike[str] | dict[str, Any], config: Any =
     """
     from dataclasses import fields, replace
 
-    from permsparse.config import OptimizeConfig
+    from permsparse.pipeline.config import OptimizeConfig
 
     doc = read_recipe(recipe) if not isinstance(recipe, dict) else recipe
     where = recipe if not isinstance(recipe, dict) else "the recipe"
