@@ -19,10 +19,10 @@ from permsparse.models.families import FAMILIES
 LAYERS = 3
 ENCODERS = {"bert", "roberta", "distilbert", "vit", "deit", "clip-text", "clip-vision"}
 #: closures that do not fold for free, per family, and why (everything else folds with nothing added):
-#: an encoder's residual stream leaves the graph as ``last_hidden_state`` (a graph output); a fused projection's
-#: output is cut along the channel axis (Phi-3's qkv_proj Slice and gate_up_proj Split, GPT-2's c_attn Split), so
-#: the O-proj/down-proj input closures meet a channel Slice/Split (they get a Gather under ``local``).
-BLOCKED = {**{f: 1 for f in ENCODERS}, "phi3": 2 * LAYERS, "gpt2": LAYERS}
+#: an encoder's residual stream leaves the graph as ``last_hidden_state`` (a graph output). A fused projection's
+#: output cut along the channel axis (Phi-3's qkv_proj Slice and gate_up_proj Split/Slice, GPT-2's c_attn Split) does
+#: not block: the O-proj/down-proj input closures fold into the matching segment of the fused columns (and bias).
+BLOCKED = {f: 1 for f in ENCODERS}
 FAST_FOLD = ("llama", "gemma3", "phi3", "gpt2", "bert", "vit", "clip-text")
 FAST_DEFAULTS = ("gemma3",)
 

@@ -149,6 +149,10 @@ def apply_fold(
             for mb in closure.members:
                 idx = block_perm(perm, mb.block_map, closure.block)
                 ref = consts[mb.const]
+                if mb.segment is not None:  # channels start:stop of a fused projection's output; the rest stay
+                    full = np.arange(ref.shape[mb.axis])
+                    full[mb.segment[0]:mb.segment[1]] = mb.segment[0] + idx
+                    idx = full
                 ref.set_values(np.take(ref.values, idx, axis=mb.axis))
                 result.record(mb.const, mb.axis, idx)
             for name in _boundary_gathers(graph, tensors, closure, perm):

@@ -8,8 +8,10 @@ run time.
 How closures are found. Every activation tensor and every constant axis is an *item*. Each node relates the items it
 touches (:mod:`.rules`, one rule per op): elementwise ops, norms over the last axis, head reshapes, attention's
 ``probs @ V`` pass a permutation from input to output; a MatMul with a constant weight absorbs it (rows of the weight
-on the input side, columns on the output side); Shape and reductions over the channel axis are neutral; anything else
-*blocks* (a boundary). A breadth-first walk over these relations gives each closure's items (:mod:`.closures`).
+on the input side, columns on the output side); a Slice/Split along the channel axis of a fused projection's output
+links each part to the matching *segment* of the projection's columns and bias (:func:`.rules.rule_channel_cut`);
+Shape and reductions over the channel axis are neutral; anything else *blocks* (a boundary). A breadth-first walk
+over these relations gives each closure's items (:mod:`.closures`).
 
 Invariant that proves a fold correct. Inside a closure, let ``b`` be the gcd of all channel-axis lengths. Every item's
 channel axis is cut into aligned blocks of ``b``; each node's relation maps blocks of its inputs to blocks of its
@@ -22,7 +24,8 @@ So the network function is unchanged. The canonical channel space of a closure i
 KV head (GQA) share a class, which is how tied blocks arise.
 
 Postconditions (checked): every weight belongs to exactly one closure, whose rows member covers a prunable one; every
-closure without a problem has a block size that is a multiple of M.
+closure without a problem has a block size that is a multiple of M; no channel of a constant is a member of two
+closures (segments of one axis are disjoint, and never overlap a whole-axis member).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from permsparse.passes.analysis.plan import (
     Boundary,
     Closure,
     ConstAxis,
+    ConstSegment,
     Item,
     Member,
     Plan,
@@ -116,12 +120,24 @@ def _postconditions(plan: Plan) -> None:
             raise AssertionError(f"analysis: closure {c.id} lacks the rows of weight {name}")
         if c.problem is None and c.block % plan.m:
             raise AssertionError(f"analysis: closure {c.id} has block {c.block}, not a multiple of M={plan.m}")
+    claimed: dict[tuple[str, int], list[tuple[int, int, int]]] = {}  # (constant, axis) -> (start, stop, closure)
+    for c in plan.closures:
+        if c.problem is not None:
+            continue
+        for mb in c.members:
+            lo, hi = mb.segment or (0, len(mb.block_map) * c.block)
+            for lo2, hi2, cid in claimed.get((mb.const, mb.axis), []):
+                if lo < hi2 and lo2 < hi:
+                    raise AssertionError(f"analysis: channels of {mb.const} axis {mb.axis} are members of closures "
+                                         f"{cid} and {c.id}")
+            claimed.setdefault((mb.const, mb.axis), []).append((lo, hi, c.id))
 
 
 __all__ = [
     "Boundary",
     "Closure",
     "ConstAxis",
+    "ConstSegment",
     "Item",
     "Member",
     "Plan",

@@ -29,7 +29,17 @@ class ConstAxis(NamedTuple):
     axis: int
 
 
-Item = TensorItem | ConstAxis
+class ConstSegment(NamedTuple):
+    """Channels ``start:stop`` of one axis of a constant: the part of a fused projection's output columns (or of a
+    bias after it) that one channel Slice/Split of the projection's output reads. The rest of the axis is untouched."""
+
+    const: str
+    axis: int
+    start: int
+    stop: int
+
+
+Item = TensorItem | ConstAxis | ConstSegment
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,14 @@ class Boundary:
 
 @dataclass(frozen=True)
 class Member:
-    """A constant axis that is permuted when the closure is: weight rows/cols, bias, norm parameters, tables."""
+    """A constant axis (or one segment of it) that is permuted when the closure is: weight rows/cols, bias, norm
+    parameters, tables."""
 
     const: str
     axis: int
     role: Literal["rows", "cols", "param", "table"]
-    block_map: np.ndarray  # canonical class of each block of ``block`` along ``axis``
+    block_map: np.ndarray  # canonical class of each block of ``block`` along ``axis`` (along the segment)
+    segment: tuple[int, int] | None = None  # (start, stop) when only these channels of ``axis`` are members
 
 
 @dataclass

@@ -5,6 +5,19 @@ through a transformation of the block labels: broadcast, reshape, transpose, ``p
 reduce), *blocked* items (the op does not commute with a permutation of that item's channel axis, with the reason)
 and *neutral* items (the op's result does not depend on their channel order: shapes, reductions over the channel
 axis, scalars). An op without a rule blocks everything it touches. Each rule is small and has its own test.
+
+Channel cuts of a fused projection (:func:`rule_channel_cut`, used by Slice and Split along the channel axis). A fused
+projection (Phi-3's ``qkv_proj`` and ``gate_up_proj``, GPT-2's ``c_attn``) computes several parts with one MatMul and
+cuts its output along the channel axis. Permuting channels ``a:b`` of the output by ``p`` only needs the weight's
+columns ``a:b`` (and the same channels of a bias or scale applied after it) permuted by ``p``: every other channel is
+unchanged. So a channel cut ``Y = X[..., a:b]`` links ``Y`` to the *segments* ``a:b`` of the producer's constants
+(:class:`ConstSegment`), provided ``X`` comes from a MatMul/Gemm with a constant weight through ops that keep each
+channel in place (unary ops, bias/scale with a constant, reshapes and transposes that keep the last axis), every
+tensor on that way is read by nothing else (shape reads aside), and every reader of ``X`` is a channel cut whose range
+equals ``a:b`` or is disjoint from it. Then permuting the segments commutes with the whole way and with every cut:
+the cut that reads ``a:b`` sees ``Y`` permuted by ``p``, the others see no change. Parts combined elementwise (gate and
+up) meet in one closure and get the same permutation; a part read per head (V) gets its head structure from the
+reshapes and ``probs @ V`` after the cut, as an unfused projection does.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from permsparse.ir.graph import WeightChain, const_of, opset_of
-from permsparse.passes.analysis.plan import ConstAxis, Item, TensorItem
+from permsparse.passes.analysis.plan import ConstAxis, ConstSegment, Item, TensorItem
 from permsparse.passes.probe import Probe
 
 UNARY_OPS = frozenset(
@@ -71,6 +84,7 @@ class Ctx:
         self.probe = probe
         self.chains = chains
         self.opset = opset_of(graph)
+        self.graph_outputs = {t.name for t in graph.outputs}
 
     def shape(self, t: gs.Tensor) -> tuple[int, ...] | None:
         ref = const_of(t)
@@ -302,23 +316,144 @@ def rule_concat(b: _Builder) -> NodeRule:
     return b.rule
 
 
-def rule_slice(b: _Builder) -> NodeRule:
-    ctx, node = b.ctx, b.node
-    in_shape = ctx.shape(b.ins[0])
+def _slice_bounds(node: gs.Node, ctx: Ctx) -> tuple[list[slice], range | None] | None:
+    """A Slice node's per-axis slices and the channels it keeps (``None`` when it keeps them all), or ``None`` when
+    its bounds are not known."""
+    in_shape = ctx.shape(node.inputs[0])
+    if in_shape is None:
+        return None
     rank = len(in_shape)
     vals = [ctx.value(node.inputs[i]) if i < len(node.inputs) and node.inputs[i].name else None for i in range(1, 5)]
     starts, ends = vals[0], vals[1]
     if starts is None or ends is None:
-        return b.block_all("Slice with bounds of unknown value")
+        return None
     axes = [int(a) % rank for a in np.ravel(vals[2])] if vals[2] is not None else list(range(len(np.ravel(starts))))
     steps = [int(s) for s in np.ravel(vals[3])] if vals[3] is not None else [1] * len(axes)
     slices = [slice(None)] * rank
+    kept = None
     for ax, st, en, sp in zip(axes, np.ravel(starts), np.ravel(ends), steps):
         slices[ax] = slice(int(st), int(en), sp)
         if ax == rank - 1 and range(in_shape[-1])[slices[ax]] != range(in_shape[-1]):
-            return b.block_all("Slice along the channel axis")
-    b.neutral(*[t for t in node.inputs[1:] if t.name])
-    slices[rank - 1] = slice(None)
+            kept = range(in_shape[-1])[slices[ax]]
+    return slices, kept
+
+
+def _split_ranges(node: gs.Node, ctx: Ctx) -> list[range] | None:
+    """Channels kept by each output of a Split along the channel axis (``None`` if it splits another axis)."""
+    shape = ctx.shape(node.inputs[0])
+    if shape is None or int(node.attrs.get("axis", 0)) % len(shape) != len(shape) - 1:
+        return None
+    out, start = [], 0
+    for o in node.outputs:
+        oshape = ctx.shape(o)
+        if oshape is None:
+            return None
+        out.append(range(start, start + oshape[-1]))
+        start += oshape[-1]
+    return out
+
+
+def _cut_ranges(node: gs.Node, ctx: Ctx) -> list[range] | None:
+    """The channel ranges a reader cuts out of its first input, or ``None`` if it is not a channel cut."""
+    if node.op == "Split":
+        return _split_ranges(node, ctx)
+    if node.op == "Slice":
+        got = _slice_bounds(node, ctx)
+        return None if got is None or got[1] is None else [got[1]]
+    return None
+
+
+_SHAPE_READS = frozenset({"Shape", "Size"})
+_SEGMENT_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def _fused_segments(ctx: Ctx, x: gs.Tensor, seg: range) -> tuple[list[ConstSegment], str | None]:
+    """The constant segments whose permutation permutes channels ``seg`` of ``x`` and nothing else: the columns of
+    the constant-weight MatMul/Gemm that produces ``x`` and those of each bias/scale after it (see the module
+    docstring). Returns ``(segments, None)`` or ``([], why not)``."""
+    n = _last(ctx.shape(x))
+    if seg.step != 1 or not len(seg) or n is None:
+        return [], "not a contiguous range"
+    for reader in x.outputs:
+        if reader.op in _SHAPE_READS:
+            continue
+        ranges = _cut_ranges(reader, ctx) if reader.inputs and reader.inputs[0] is x else None
+        if ranges is None:
+            return [], f"its input is also read whole by {reader.op} {reader.name}"
+        for r in ranges:
+            if r != seg and r.start < seg.stop and seg.start < r.stop:
+                return [], f"{reader.op} {reader.name} cuts an overlapping range"
+    segs: list[ConstSegment] = []
+    t = x
+    for _ in range(32):
+        if t.name in ctx.graph_outputs:
+            return [], f"{t.name} is a graph output"
+        if len(t.inputs) != 1:
+            return [], f"{t.name} is not computed from a MatMul with a constant weight"
+        p = t.inputs[0]
+        chain = ctx.chains.get(p.name)
+        if chain is not None and p.outputs[0] is t:
+            if chain.const.shape[chain.n_axis] != n:
+                return [], f"{p.op} {p.name} has {chain.const.shape[chain.n_axis]} columns, not {n}"
+            segs.append(ConstSegment(chain.const.name, chain.n_axis, seg.start, seg.stop))
+            if p.op == "Gemm" and len(p.inputs) > 2 and p.inputs[2].name:
+                bias = p.inputs[2]
+                ref = const_of(bias)
+                if ref is None or (not _invariant(ref.shape) and (ref.shape[-1] != n or int(np.prod(ref.shape)) != n)):
+                    return [], f"Gemm {p.name} has a bias that is not a constant row"
+                if not _invariant(ref.shape):
+                    segs.append(ConstSegment(ref.name, len(ref.shape) - 1, seg.start, seg.stop))
+            return segs, None
+        acts = [i for i in p.inputs if i.name and const_of(i) is None]
+        if p.op in UNARY_OPS or p.op in RESHAPE_OPS or p.op == "Transpose":
+            src = p.inputs[0]
+            if const_of(src) is not None or _last(ctx.shape(src)) != n or len(p.outputs) != 1:
+                return [], f"{p.op} {p.name} moves the channel axis"
+            if p.op == "Transpose" and list(p.attrs.get("perm", [0, 1]))[-1] != len(ctx.shape(src)) - 1:
+                return [], f"{p.op} {p.name} moves the channel axis"
+        elif p.op in _SEGMENT_BINARY and len(acts) == 1 and len(p.inputs) == 2:
+            src = acts[0]
+            ref = const_of(next(i for i in p.inputs if i is not src))
+            if ref is None or _last(ctx.shape(src)) != n or _last(ctx.shape(t)) != n:
+                return [], f"{p.op} {p.name} is not a per-channel constant"
+            if not _invariant(ref.shape):
+                if ref.shape[-1] != n:
+                    return [], f"{p.op} {p.name} broadcasts along the channel axis"
+                segs.append(ConstSegment(ref.name, len(ref.shape) - 1, seg.start, seg.stop))
+        else:
+            return [], f"{t.name} is computed by {p.op} {p.name}, not by a constant-weight MatMul (through per-channel ops)"
+        others = [r for r in src.outputs if r is not p and r.op not in _SHAPE_READS]
+        if others:
+            return [], f"{src.name} is also read by {others[0].op} {others[0].name}"
+        t = src
+    return [], "too long a way to the producing MatMul"
+
+
+def rule_channel_cut(b: _Builder, x: gs.Tensor, cuts: list[tuple[gs.Tensor, range]]) -> NodeRule:
+    """A Slice/Split along the channel axis: each cut ``y = x[..., a:b]`` reads the segments ``a:b`` of the fused
+    projection that writes ``x`` (see the module docstring); ``x`` itself is cut apart here, so it blocks."""
+    links: list[Link] = []
+    for y, seg in cuts:
+        segs, why = _fused_segments(b.ctx, x, seg)
+        if why is not None:
+            return b.block_all(f"{b.node.op} along the channel axis ({why})")
+        for item in segs:
+            links.append(Link("bcast", [item], b.ctx.item(y), [(len(seg),)], b.ctx.shape(y)))
+    b.rule.links.extend(links)
+    b.rule.blocked[b.ctx.item(x)] = f"{b.node.op} cuts it into channel segments (each folds into the producer's)"
+    b.neutral(*b.ins[1:])
+    return b.rule
+
+
+def rule_slice(b: _Builder) -> NodeRule:
+    got = _slice_bounds(b.node, b.ctx)
+    if got is None:
+        return b.block_all("Slice with bounds of unknown value")
+    slices, kept = got
+    if kept is not None:
+        return rule_channel_cut(b, b.ins[0], [(b.outs[0], kept)])
+    b.neutral(*[t for t in b.node.inputs[1:] if t.name])
+    slices[-1] = slice(None)
     b.link("slice", [b.ins[0]], b.outs[0], slices=tuple(slices))
     return b.rule
 
@@ -327,7 +462,10 @@ def rule_split(b: _Builder) -> NodeRule:
     rank = len(b.ctx.shape(b.ins[0]))
     axis = int(b.node.attrs.get("axis", 0)) % rank
     if axis == rank - 1:
-        return b.block_all("Split along the channel axis")
+        ranges = _split_ranges(b.node, b.ctx)
+        if ranges is None:
+            return b.block_all("Split along the channel axis into parts of unknown size")
+        return rule_channel_cut(b, b.ins[0], [(o, r) for o, r in zip(b.node.outputs, ranges) if o.name])
     b.neutral(*b.ins[1:])
     start = 0
     for o in b.outs:
