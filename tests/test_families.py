@@ -22,11 +22,11 @@ ENCODERS = {"bert", "roberta", "distilbert", "vit", "deit", "clip-text", "clip-v
 #: closures that do not fold for free, per family, and why (everything else folds with nothing added):
 #: an encoder's residual stream leaves the graph as ``last_hidden_state`` (a graph output). A fused projection's
 #: output cut along the channel axis (Phi-3's qkv_proj Slice and gate_up_proj Split/Slice, GPT-2's c_attn Split) does
-#: not block: the O-proj/down-proj input closures fold into the matching segment of the fused columns (and bias).
+#: not block: the O-proj/down-proj input closures fold into the matching part of the fused columns (and bias).
 BLOCKED = {f: 1 for f in ENCODERS}
-#: output-column segments of fused projections that are closure members: Phi-3's V part of qkv_proj and the gate and
-#: up parts of gate_up_proj, GPT-2's V part of c_attn (its bias segment is a member too, as a parameter)
-FUSED_SEGMENTS = {"phi3": 3 * LAYERS, "gpt2": LAYERS}
+#: parts of fused projections' columns that are closure members: Phi-3's V part of qkv_proj and the gate and up
+#: parts of gate_up_proj, GPT-2's V part of c_attn (the same part of its bias is a member too, as a parameter)
+FUSED_PARTS = {"phi3": 3 * LAYERS, "gpt2": LAYERS}
 FAST_FOLD = ("llama", "gemma3", "phi3", "gpt2", "bert", "vit", "clip-text")
 FAST_DEFAULTS = ("gemma3",)
 
@@ -99,8 +99,8 @@ def test_family_blocks_and_closures(family_model, name, exporter):
     assert len(plan.prunable) >= 4 * LAYERS
     blocked = sum(1 for c in plan.closures if not c.foldable)
     assert blocked == BLOCKED.get(name, 0), [c.describe() for c in plan.closures if not c.foldable]
-    segments = [mb for c in plan.closures for mb in c.members if mb.segment is not None]
-    assert sum(mb.role == "cols" for mb in segments) == FUSED_SEGMENTS.get(name, 0), segments
+    parts = [mb for c in plan.closures for mb in c.members if mb.part is not None]
+    assert sum(mb.role == "cols" for mb in parts) == FUSED_PARTS.get(name, 0), parts
     # under policy local only the residual stream (the closure read by many sibling groups) is cut by Gathers
     from permsparse.passes.fold import plan_units
 
@@ -130,21 +130,21 @@ def test_family_fold_policy_exact_and_valid(family_model, tmp_path, name, export
     assert r.fold.units_applied == free > 0
     assert r.equivalence.max_rel_error <= 1e-4
     assert r.nm_valid and all(r.nm_valid.values()) and len(r.nm_valid) == len(r.plan.prunable)
-    # a fused projection's columns are permuted segment by segment: each segment's channels stay inside it, and
-    # channels of no member segment (Q and K of a fused qkv) keep their place
-    segments: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    # a fused projection's columns are permuted part by part: each part's columns stay among them, and columns of
+    # no member part (Q and K of a fused qkv) keep their place
+    parts: dict[tuple[str, int], list[np.ndarray]] = {}
     for c in r.plan.closures:
         for mb in c.members:
-            if mb.segment is not None:
-                segments.setdefault((mb.const, mb.axis), []).append(mb.segment)
-    permuted = [key for key in segments if key in r.fold.indices]
-    assert len(permuted) >= (LAYERS if name in FUSED_SEGMENTS else 0), (len(segments), len(permuted))
+            if mb.part is not None:
+                parts.setdefault((mb.const, mb.axis), []).append(mb.part.ravel())
+    permuted = [key for key in parts if key in r.fold.indices]
+    assert len(permuted) >= (LAYERS if name in FUSED_PARTS else 0), (len(parts), len(permuted))
     for key in permuted:
-        idx, ranges = r.fold.indices[key], segments[key]
+        idx = r.fold.indices[key]
         outside = np.ones(len(idx), bool)
-        for lo, hi in ranges:
-            assert sorted(idx[lo:hi].tolist()) == list(range(lo, hi)), (key, lo, hi)
-            outside[lo:hi] = False
+        for pos in parts[key]:
+            assert sorted(idx[pos].tolist()) == sorted(pos.tolist()), key
+            outside[pos] = False
         np.testing.assert_array_equal(idx[outside], np.flatnonzero(outside))
     inits = {t.name: t for t in onnx.load(str(out)).graph.initializer}
     for w in r.plan.prunable:

@@ -282,7 +282,7 @@ RULE_CASES = [
      "B", 16, True, None),
     ("shape-read-is-neutral", [_n("Relu", ["A"], ["R"]), _n("Shape", ["A"], ["S"]), _n("Reshape", ["R", "S"], ["B"])],
      [], "B", 16, True, None),
-    # channel cuts of a fused projection's output: each part folds into its segment of W1's columns (and bias)
+    # cuts of a fused projection's output: each part folds into its columns of W1 (and of a bias)
     ("fused-projection-slice", [_n("Slice", ["A", "st", "en", "ax"], ["B"])],
      [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64))],
      "B", 8, True, None),
@@ -303,6 +303,19 @@ RULE_CASES = [
                          _n("Reshape", ["o4", "s8"], ["B"])],
      [_c("sp3", np.array([4, 4, 8], np.int64)), _c("hq", np.array([2, 4, 2, 2], np.int64)),
       _c("hv", np.array([2, 4, 2, 4], np.int64)), _c("s8", np.array([2, 4, 8], np.int64))], "B", 8, True, None),
+    # GPT-NeoX layout: per-head [q|v] after a head reshape, cut along the channel axis: V's columns differ by head
+    ("fused-heads-then-split", [_n("Reshape", ["A", "h4"], ["A4"]), _n("Split", ["A4", "sp"], ["q", "v"], axis=-1),
+                                _n("Relu", ["q"], ["q2"]), _n("Mul", ["v", "q2"], ["o"]), _n("Reshape", ["o", "s8"], ["B"])],
+     [_c("h4", np.array([2, 4, 2, 8], np.int64)), _c("sp", np.array([4, 4], np.int64)),
+      _c("s8", np.array([2, 4, 8], np.int64))], "B", 8, True, None),
+    # timm layout: qkv reshaped to [B, S, parts, heads, head_dim], parts moved first and taken apart by Gather
+    ("fused-unbind-heads", [_n("Reshape", ["A", "h5"], ["A5"]), _n("Transpose", ["A5"], ["AT"], perm=[2, 0, 3, 1, 4]),
+                            _n("Gather", ["AT", "i0"], ["q"], axis=0), _n("Gather", ["AT", "i1"], ["v"], axis=0),
+                            _n("Transpose", ["q"], ["kt"], perm=[0, 1, 3, 2]), _n("MatMul", ["q", "kt"], ["sc"]),
+                            _n("Softmax", ["sc"], ["pr"], axis=-1), _n("MatMul", ["pr", "v"], ["o"]),
+                            _n("Transpose", ["o"], ["o4"], perm=[0, 2, 1, 3]), _n("Reshape", ["o4", "s8"], ["B"])],
+     [_c("h5", np.array([2, 4, 2, 2, 4], np.int64)), _c("i0", np.array(0, np.int64)), _c("i1", np.array(1, np.int64)),
+      _c("s8", np.array([2, 4, 8], np.int64))], "B", 8, True, None),
     ("channel-slice-of-a-tensor-read-whole", [_n("ReduceMean", ["A", "ax"], ["M"]),
                                               _n("Slice", ["A", "st", "en", "ax"], ["S"]), _n("Add", ["S", "M"], ["B"])],
      [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64))],
@@ -310,11 +323,13 @@ RULE_CASES = [
     ("channel-slices-overlap", [_n("Slice", ["A", "st", "en", "ax"], ["S"]), _n("Slice", ["A", "st2", "en2", "ax"], ["T"]),
                                 _n("Add", ["S", "T"], ["B"])],
      [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64)),
-      _c("st2", np.array([4], np.int64)), _c("en2", np.array([12], np.int64))], "B", 8, False, "overlapping range"),
+      _c("st2", np.array([4], np.int64)), _c("en2", np.array([12], np.int64))], "B", 8, False, "overlaps another"),
     ("channel-slice-of-an-activation-sum", [_n("Add", ["A", "X"], ["Z"]), _n("Slice", ["Z", "st", "en", "ax"], ["B"])],
      [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64))],
      "B", 8, False, "not by a constant-weight MatMul"),
-    ("gather-channel-axis", [_n("Gather", ["A", "idx"], ["B"], axis=-1)],
+    ("gather-channel-axis-of-a-projection", [_n("Gather", ["A", "idx"], ["B"], axis=-1)],
+     [_c("idx", np.arange(16)[::-1].copy().astype(np.int64))], "B", 16, True, None),
+    ("gather-channel-axis", [_n("Add", ["A", "X"], ["Z"]), _n("Gather", ["Z", "idx"], ["B"], axis=-1)],
      [_c("idx", np.arange(16)[::-1].copy().astype(np.int64))], "B", 16, False, "Gather along the channel axis"),
     ("broadcast-along-channels", [_n("Add", ["A", "col"], ["B"])], [_c("col", _RNG.standard_normal((4, 1)).astype(_F))],
      "B", 16, True, None),
@@ -338,10 +353,10 @@ def test_rule_by_rule(tmp_path, body, inits, b_name, k2, free, why):
     if free:
         assert any(mb.const == "W1" and mb.role == "cols" for mb in c.members)
         w1 = [mb for mb in c.members if mb.const == "W1" and mb.role == "cols"]
-        if k2 < 16:  # W2 reads a part of the fused projection W1: only that part's segment of W1's columns is a member
-            assert all(mb.segment is not None and mb.segment[1] - mb.segment[0] == k2 for mb in w1), w1
-        else:
-            assert all(mb.segment is None for mb in w1), w1
+        if k2 < 16:  # W2 reads a part of the fused projection W1: only that part's columns of W1 are members
+            assert all(mb.part is not None and mb.part.size == k2 for mb in w1), w1
+        else:  # all of W1's columns (a Gather along the channel axis reorders them all: one part of 16)
+            assert all(mb.part is None or sorted(mb.part.ravel().tolist()) == list(range(16)) for mb in w1), w1
     else:
         assert why in c.describe()
     w1 = next(w for w in plan.weights.values() if w.const == "W1")

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from permsparse.ir.graph import const_index
-from permsparse.passes.analysis import Closure, Plan
+from permsparse.passes.analysis import Closure, Member, Plan
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,18 @@ def block_perm(perm: np.ndarray, block_map: np.ndarray, block: int) -> np.ndarra
     i = np.tile(np.arange(block), nb)
     c = np.asarray(block_map)[t]
     return t * block + perm[c * block + i] - c * block
+
+
+def part_perm(perm: np.ndarray, mb: Member, block: int, length: int) -> np.ndarray:
+    """Index permutation of a whole axis of ``length`` channels of which member ``mb`` holds a fused projection's
+    part: each row of the part (its channels at one head, say) is permuted like a channel axis with that row's block
+    classes; channels outside the part keep their place."""
+    pos = mb.part.reshape(-1, mb.part.shape[-1])
+    bm = mb.block_map.reshape(-1, mb.block_map.shape[-1])
+    full = np.arange(length)
+    for r in range(len(pos)):
+        full[pos[r]] = pos[r][block_perm(perm, bm[r], block)]
+    return full
 
 
 def _uniform_blocks(labels: np.ndarray) -> np.ndarray | None:
@@ -147,12 +159,11 @@ def apply_fold(
         closure = plan.closures[unit.closure]
         if unit.group is None:
             for mb in closure.members:
-                idx = block_perm(perm, mb.block_map, closure.block)
                 ref = consts[mb.const]
-                if mb.segment is not None:  # channels start:stop of a fused projection's output; the rest stay
-                    full = np.arange(ref.shape[mb.axis])
-                    full[mb.segment[0]:mb.segment[1]] = mb.segment[0] + idx
-                    idx = full
+                if mb.part is None:
+                    idx = block_perm(perm, mb.block_map, closure.block)
+                else:  # a fused projection's part: its columns only
+                    idx = part_perm(perm, mb, closure.block, ref.shape[mb.axis])
                 ref.set_values(np.take(ref.values, idx, axis=mb.axis))
                 result.record(mb.const, mb.axis, idx)
             for name in _boundary_gathers(graph, tensors, closure, perm):

@@ -22,7 +22,7 @@ from permsparse.passes.analysis.plan import (
     Boundary,
     Closure,
     ConstAxis,
-    ConstSegment,
+    ConstPart,
     Item,
     Member,
     TensorItem,
@@ -77,7 +77,7 @@ def walk(
             rule = rules[idx]
             node = nodes[idx]
             if it in rule.blocked:
-                if isinstance(it, (ConstAxis, ConstSegment)):
+                if isinstance(it, (ConstAxis, ConstPart)):
                     side = "constant"
                 else:
                     side = "producer" if any(o.name == it.name for o in node.outputs) else "consumer"
@@ -99,8 +99,8 @@ def walk(
 def _item_shape(it: Item, ctx: Ctx, const_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
     if isinstance(it, TensorItem):
         return tuple(ctx.probe.shapes[it.name])
-    if isinstance(it, ConstSegment):
-        return (it.stop - it.start,)
+    if isinstance(it, ConstPart):
+        return it.shape
     return (const_shapes[it.const][it.axis],)
 
 
@@ -137,7 +137,7 @@ def build_closure(
     lshape: dict[Item, tuple[int, ...]] = {}
     total = 0
     for it, s in shapes.items():
-        ls = s[:-1] + (s[-1] // block,) if isinstance(it, TensorItem) else (s[0] // block,)
+        ls = s[:-1] + (s[-1] // block,)
         lshape[it] = ls
         offsets[it] = total
         total += int(np.prod(ls))
@@ -148,7 +148,7 @@ def build_closure(
 
     def view(it: Item, shape: tuple[int, ...]) -> np.ndarray:
         lab = labels(it)
-        if not isinstance(it, TensorItem):  # a constant's permutation is the same at every position of its other axes
+        if isinstance(it, ConstAxis):  # a constant's permutation is the same at every position of its other axes
             lab = lab.reshape((1,) * (len(shape) - 1) + lab.shape)
             lab = np.broadcast_to(lab, tuple(shape[:-1]) + lab.shape[-1:])
         return lab
@@ -191,13 +191,13 @@ def build_closure(
                 is_table = len(const_shapes[it.const]) == 2 and it.axis == 1 and (it.const, 0) not in roles
                 role = "table" if is_table else "param"
             members.append((it, role))
-        elif isinstance(it, ConstSegment):  # part of a fused projection's columns, or of its bias
+        elif isinstance(it, ConstPart):  # a part of a fused projection's columns, or of its bias
             members.append((it, roles.get((it.const, it.axis), "param")))
     # rows first so canonical classes follow the siblings' row order
     members.sort(key=lambda mb: {"rows": 0, "cols": 1, "table": 2, "param": 3}[mb[1]])
     closure.members = [
         Member(it.const, it.axis, role, cls(labels(it)),  # type: ignore[arg-type]
-               (it.start, it.stop) if isinstance(it, ConstSegment) else None)
+               np.asarray(it.positions, dtype=np.int64).reshape(it.shape) if isinstance(it, ConstPart) else None)
         for it, role in members
     ]
     closure.labels = {it.name: cls(labels(it)) for it in items if isinstance(it, TensorItem)}

@@ -6,18 +6,21 @@ reduce), *blocked* items (the op does not commute with a permutation of that ite
 and *neutral* items (the op's result does not depend on their channel order: shapes, reductions over the channel
 axis, scalars). An op without a rule blocks everything it touches. Each rule is small and has its own test.
 
-Channel cuts of a fused projection (:func:`rule_channel_cut`, used by Slice and Split along the channel axis). A fused
-projection (Phi-3's ``qkv_proj`` and ``gate_up_proj``, GPT-2's ``c_attn``) computes several parts with one MatMul and
-cuts its output along the channel axis. Permuting channels ``a:b`` of the output by ``p`` only needs the weight's
-columns ``a:b`` (and the same channels of a bias or scale applied after it) permuted by ``p``: every other channel is
-unchanged. So a channel cut ``Y = X[..., a:b]`` links ``Y`` to the *segments* ``a:b`` of the producer's constants
-(:class:`ConstSegment`), provided ``X`` comes from a MatMul/Gemm with a constant weight through ops that keep each
-channel in place (unary ops, bias/scale with a constant, reshapes and transposes that keep the last axis), every
-tensor on that way is read by nothing else (shape reads aside), and every reader of ``X`` is a channel cut whose range
-equals ``a:b`` or is disjoint from it. Then permuting the segments commutes with the whole way and with every cut:
-the cut that reads ``a:b`` sees ``Y`` permuted by ``p``, the others see no change. Parts combined elementwise (gate and
-up) meet in one closure and get the same permutation; a part read per head (V) gets its head structure from the
-reshapes and ``probs @ V`` after the cut, as an unfused projection does.
+Cuts of a fused projection's output (:func:`rule_part_cut`). A fused projection (Phi-3's ``qkv_proj`` and
+``gate_up_proj``, GPT-2's ``c_attn``, timm's ``qkv``) computes several parts with one MatMul and cuts its output
+apart: a Slice/Split/Gather along the channel axis, or along an axis that a reshape cut out of the channel axis (heads,
+or ``[3, heads, head_dim]``). Permuting the channels of one part only needs the weight's columns that hold that part
+(and the same channels of a bias or scale applied before any reshape) permuted alike: every other column is
+unchanged. :func:`fused_view` follows the cut's input back to a MatMul/Gemm with a constant weight through ops that
+move whole elements (unary ops, reshapes, transposes) or act per column (bias/scale constants), and computes for every
+element the column it comes from; applying the cut to that map gives, for each part, the columns it reads, as an
+array shaped like the part with its channel axis last (:class:`ConstPart`). The part is linked to those columns like a
+projection's output to its weight. Conditions: every tensor on the way is read by nothing else (shape reads aside),
+every reader of the cut tensor is a cut, and two parts read the same columns in the same layout or disjoint ones.
+Then permuting each part's columns commutes with the whole way and with every cut: the cut that reads the part sees
+it permuted, the others see no change. Parts combined elementwise (gate and up) meet in one closure and get the same
+permutation; a part read per head (V) gets its head structure from the reshapes and ``probs @ V`` after the cut, as
+an unfused projection does (and a part whose columns differ by head carries that in its own shape).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from permsparse.ir.graph import WeightChain, const_of, opset_of
-from permsparse.passes.analysis.plan import ConstAxis, ConstSegment, Item, TensorItem
+from permsparse.passes.analysis.plan import ConstAxis, ConstPart, Item, TensorItem
 from permsparse.passes.probe import Probe
 
 UNARY_OPS = frozenset(
@@ -263,16 +266,22 @@ def rule_gather(b: _Builder) -> NodeRule:
     rank = len(ctx.shape(data))
     axis = int(b.node.attrs.get("axis", 0)) % rank
     b.neutral(idx)
+    ref = const_of(data)
+    indices = ctx.value(idx)
+    if ref is None and indices is not None:
+        view, why = fused_view(ctx, data, [axis])
+        if view is not None:
+            return rule_part_cut(b, data, view)
+        if axis == rank - 1:
+            return b.block_all(f"Gather along the channel axis ({why})")
     if axis == rank - 1:
         return b.block_all("Gather along the channel axis")
-    ref = const_of(data)
     if ref is not None:
         if rank != 2 or axis != 0:
             return b.block_all("Gather from a constant that is not a 2-D table")
         b.rule.links.append(Link("bcast", [ConstAxis(ref.name, 1)], ctx.item(b.outs[0]), [(ref.shape[1],)],
                                  ctx.shape(b.outs[0])))
         return b.rule
-    indices = ctx.value(idx)
     if indices is None:
         return b.block_all("Gather with indices of unknown value")
     b.link("take", [data], b.outs[0], axis=axis, indices=np.asarray(indices))
@@ -316,9 +325,8 @@ def rule_concat(b: _Builder) -> NodeRule:
     return b.rule
 
 
-def _slice_bounds(node: gs.Node, ctx: Ctx) -> tuple[list[slice], range | None] | None:
-    """A Slice node's per-axis slices and the channels it keeps (``None`` when it keeps them all), or ``None`` when
-    its bounds are not known."""
+def _slice_bounds(node: gs.Node, ctx: Ctx) -> list[slice] | None:
+    """A Slice node's slice of every axis of its input, or ``None`` when its bounds are not known."""
     in_shape = ctx.shape(node.inputs[0])
     if in_shape is None:
         return None
@@ -330,128 +338,201 @@ def _slice_bounds(node: gs.Node, ctx: Ctx) -> tuple[list[slice], range | None] |
     axes = [int(a) % rank for a in np.ravel(vals[2])] if vals[2] is not None else list(range(len(np.ravel(starts))))
     steps = [int(s) for s in np.ravel(vals[3])] if vals[3] is not None else [1] * len(axes)
     slices = [slice(None)] * rank
-    kept = None
     for ax, st, en, sp in zip(axes, np.ravel(starts), np.ravel(ends), steps):
         slices[ax] = slice(int(st), int(en), sp)
-        if ax == rank - 1 and range(in_shape[-1])[slices[ax]] != range(in_shape[-1]):
-            kept = range(in_shape[-1])[slices[ax]]
-    return slices, kept
+    return slices
 
 
-def _split_ranges(node: gs.Node, ctx: Ctx) -> list[range] | None:
-    """Channels kept by each output of a Split along the channel axis (``None`` if it splits another axis)."""
+def _cut_axes(node: gs.Node, ctx: Ctx) -> list[int] | None:
+    """The axes a Slice/Split/Gather cuts (``None`` if its bounds or indices are not known)."""
     shape = ctx.shape(node.inputs[0])
-    if shape is None or int(node.attrs.get("axis", 0)) % len(shape) != len(shape) - 1:
-        return None
-    out, start = [], 0
-    for o in node.outputs:
-        oshape = ctx.shape(o)
-        if oshape is None:
-            return None
-        out.append(range(start, start + oshape[-1]))
-        start += oshape[-1]
-    return out
-
-
-def _cut_ranges(node: gs.Node, ctx: Ctx) -> list[range] | None:
-    """The channel ranges a reader cuts out of its first input, or ``None`` if it is not a channel cut."""
-    if node.op == "Split":
-        return _split_ranges(node, ctx)
+    rank = len(shape)
     if node.op == "Slice":
-        got = _slice_bounds(node, ctx)
-        return None if got is None or got[1] is None else [got[1]]
+        slices = _slice_bounds(node, ctx)
+        if slices is None:
+            return None
+        return [ax for ax, sl in enumerate(slices) if range(shape[ax])[sl] != range(shape[ax])]
+    axis = int(node.attrs.get("axis", 0)) % rank
+    if node.op == "Gather" and ctx.value(node.inputs[1]) is None:
+        return None
+    return [axis]
+
+
+def _cut(node: gs.Node, ctx: Ctx, ids: np.ndarray) -> list[tuple[gs.Tensor, np.ndarray]] | None:
+    """Apply a Slice/Split/Gather reading ``ids`` (its first input) to ``ids``: the map of each output, or ``None``
+    if the node is not such a cut (it reads its input whole)."""
+    if node.op == "Slice":
+        slices = _slice_bounds(node, ctx)
+        return None if slices is None else [(node.outputs[0], ids[tuple(slices)])]
+    if node.op == "Gather":
+        indices = ctx.value(node.inputs[1])
+        if indices is None:
+            return None
+        axis = int(node.attrs.get("axis", 0)) % ids.ndim
+        return [(node.outputs[0], np.take(ids, np.asarray(indices, dtype=np.int64), axis=axis))]
+    if node.op == "Split":
+        axis = int(node.attrs.get("axis", 0)) % ids.ndim
+        out, start = [], 0
+        for o in node.outputs:
+            oshape = ctx.shape(o)
+            if oshape is None:
+                return None
+            sl = [slice(None)] * ids.ndim
+            sl[axis] = slice(start, start + oshape[axis])
+            start += oshape[axis]
+            if o.name:
+                out.append((o, ids[tuple(sl)]))
+        return out
     return None
 
 
+def _first(ids: np.ndarray, ax: int) -> np.ndarray:
+    return ids[(slice(None),) * ax + (slice(0, 1),)]
+
+
+def _varies(ids: np.ndarray, ax: int) -> bool:
+    """Whether the columns held by ``ids`` differ along axis ``ax``."""
+    return ids.shape[ax] > 1 and ids.strides[ax] != 0 and not (ids == _first(ids, ax)).all()
+
+
+def _core(ids: np.ndarray) -> np.ndarray:
+    """``ids`` with every axis but the last along which the columns do not vary cut to size 1."""
+    for ax in range(ids.ndim - 1):
+        if not _varies(ids, ax):
+            ids = _first(ids, ax)
+    return np.ascontiguousarray(ids)
+
+
 _SHAPE_READS = frozenset({"Shape", "Size"})
-_SEGMENT_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+_PART_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+_LAYOUT_OPS = RESHAPE_OPS | {"Transpose"}
+_MAX_IDS = 1 << 25  # elements of a column map worth computing (the probe's shapes are small)
 
 
-def _fused_segments(ctx: Ctx, x: gs.Tensor, seg: range) -> tuple[list[ConstSegment], str | None]:
-    """The constant segments whose permutation permutes channels ``seg`` of ``x`` and nothing else: the columns of
-    the constant-weight MatMul/Gemm that produces ``x`` and those of each bias/scale after it (see the module
-    docstring). Returns ``(segments, None)`` or ``([], why not)``."""
-    n = _last(ctx.shape(x))
-    if seg.step != 1 or not len(seg) or n is None:
-        return [], "not a contiguous range"
-    for reader in x.outputs:
-        if reader.op in _SHAPE_READS:
-            continue
-        ranges = _cut_ranges(reader, ctx) if reader.inputs and reader.inputs[0] is x else None
-        if ranges is None:
-            return [], f"its input is also read whole by {reader.op} {reader.name}"
-        for r in ranges:
-            if r != seg and r.start < seg.stop and seg.start < r.stop:
-                return [], f"{reader.op} {reader.name} cuts an overlapping range"
-    segs: list[ConstSegment] = []
-    t = x
+@dataclass
+class FusedView:
+    """A tensor seen as the output of a constant-weight MatMul/Gemm: ``ids`` (the tensor's shape, possibly a
+    broadcast view) holds at every element the MatMul output column it comes from; ``consts`` are the constant axes
+    indexed by those columns (the weight's N axis, biases and scales applied before any reshape)."""
+
+    consts: list[tuple[str, int]]
+    ids: np.ndarray
+    n: int
+
+
+def fused_view(ctx: Ctx, t: gs.Tensor, cut_axes: list[int]) -> tuple[FusedView | None, str]:
+    """``t``'s :class:`FusedView` if ``t`` comes from a constant-weight MatMul/Gemm through ops that move whole
+    elements or act per column, each on the way read by nothing else, and its columns differ along one of
+    ``cut_axes``; else ``None`` and why not (see the module docstring)."""
+    way: list[gs.Node] = []  # from t back to the MatMul
+    consts: list[tuple[str, int]] = []
+    cur = t
     for _ in range(32):
-        if t.name in ctx.graph_outputs:
-            return [], f"{t.name} is a graph output"
-        if len(t.inputs) != 1:
-            return [], f"{t.name} is not computed from a MatMul with a constant weight"
-        p = t.inputs[0]
+        if cur.name in ctx.graph_outputs:
+            return None, f"{cur.name} is a graph output"
+        if len(cur.inputs) != 1:
+            return None, f"{cur.name} is not computed by a MatMul with a constant weight"
+        if cur is not t:
+            others = [r for r in cur.outputs if r is not way[-1] and r.op not in _SHAPE_READS]
+            if others:
+                return None, f"{cur.name} is also read by {others[0].op} {others[0].name}"
+        p = cur.inputs[0]
         chain = ctx.chains.get(p.name)
-        if chain is not None and p.outputs[0] is t:
-            if chain.const.shape[chain.n_axis] != n:
-                return [], f"{p.op} {p.name} has {chain.const.shape[chain.n_axis]} columns, not {n}"
-            segs.append(ConstSegment(chain.const.name, chain.n_axis, seg.start, seg.stop))
-            if p.op == "Gemm" and len(p.inputs) > 2 and p.inputs[2].name:
-                bias = p.inputs[2]
-                ref = const_of(bias)
-                if ref is None or (not _invariant(ref.shape) and (ref.shape[-1] != n or int(np.prod(ref.shape)) != n)):
-                    return [], f"Gemm {p.name} has a bias that is not a constant row"
-                if not _invariant(ref.shape):
-                    segs.append(ConstSegment(ref.name, len(ref.shape) - 1, seg.start, seg.stop))
-            return segs, None
+        if chain is not None and p.outputs[0] is cur:
+            break
         acts = [i for i in p.inputs if i.name and const_of(i) is None]
-        if p.op in UNARY_OPS or p.op in RESHAPE_OPS or p.op == "Transpose":
-            src = p.inputs[0]
-            if const_of(src) is not None or _last(ctx.shape(src)) != n or len(p.outputs) != 1:
-                return [], f"{p.op} {p.name} moves the channel axis"
-            if p.op == "Transpose" and list(p.attrs.get("perm", [0, 1]))[-1] != len(ctx.shape(src)) - 1:
-                return [], f"{p.op} {p.name} moves the channel axis"
-        elif p.op in _SEGMENT_BINARY and len(acts) == 1 and len(p.inputs) == 2:
-            src = acts[0]
-            ref = const_of(next(i for i in p.inputs if i is not src))
-            if ref is None or _last(ctx.shape(src)) != n or _last(ctx.shape(t)) != n:
-                return [], f"{p.op} {p.name} is not a per-channel constant"
+        if (p.op in UNARY_OPS or p.op in _LAYOUT_OPS) and acts and acts[0] is p.inputs[0] and len(p.outputs) == 1:
+            if p.op in _LAYOUT_OPS and consts:
+                return None, f"{p.op} {p.name} moves columns a bias or scale after it has already been applied to"
+        elif p.op in _PART_BINARY and len(acts) == 1 and len(p.inputs) == 2:
+            ref = const_of(next(i for i in p.inputs if i is not acts[0]))
+            n = _last(ctx.shape(acts[0]))
+            if ref is None or ctx.shape(p.outputs[0]) != ctx.shape(acts[0]):
+                return None, f"{p.op} {p.name} is not a per-column constant"
             if not _invariant(ref.shape):
                 if ref.shape[-1] != n:
-                    return [], f"{p.op} {p.name} broadcasts along the channel axis"
-                segs.append(ConstSegment(ref.name, len(ref.shape) - 1, seg.start, seg.stop))
+                    return None, f"{p.op} {p.name} broadcasts along the channel axis"
+                consts.append((ref.name, len(ref.shape) - 1))
         else:
-            return [], f"{t.name} is computed by {p.op} {p.name}, not by a constant-weight MatMul (through per-channel ops)"
-        others = [r for r in src.outputs if r is not p and r.op not in _SHAPE_READS]
-        if others:
-            return [], f"{src.name} is also read by {others[0].op} {others[0].name}"
-        t = src
-    return [], "too long a way to the producing MatMul"
+            return None, f"{cur.name} is computed by {p.op} {p.name}, not by a constant-weight MatMul (through " \
+                         "element-moving or per-column ops)"
+        way.append(p)
+        cur = acts[0]
+    else:
+        return None, "too long a way to the MatMul"
+    n = chain.const.shape[chain.n_axis]
+    shape0 = ctx.shape(cur)
+    if shape0 is None or shape0[-1] != n:
+        return None, f"{p.op} {p.name}'s output does not hold its {n} columns last"
+    consts.insert(0, (chain.const.name, chain.n_axis))
+    if p.op == "Gemm" and len(p.inputs) > 2 and p.inputs[2].name:
+        ref = const_of(p.inputs[2])
+        if ref is None or (not _invariant(ref.shape) and (ref.shape[-1] != n or int(np.prod(ref.shape)) != n)):
+            return None, f"Gemm {p.name} has a bias that is not a constant row"
+        if not _invariant(ref.shape):
+            consts.insert(1, (ref.name, len(ref.shape) - 1))
+    if any(ctx.shape(q.outputs[0]) is None for q in way):
+        return None, "a tensor on the way to the MatMul has no known shape"
+    if any(q.op in RESHAPE_OPS for q in way) and int(np.prod(shape0)) > _MAX_IDS:
+        return None, f"{cur.name} is too large to follow its columns through reshapes"
+    ids = np.broadcast_to(np.arange(n, dtype=np.int64), shape0)
+    for q in reversed(way):
+        if q.op in RESHAPE_OPS:
+            ids = ids.reshape(ctx.shape(q.outputs[0]))
+        elif q.op == "Transpose":
+            ids = ids.transpose(list(q.attrs.get("perm", range(ids.ndim)[::-1])))
+    if not any(_varies(ids, ax) for ax in cut_axes):
+        return None, f"the cut does not separate {p.op} {p.name}'s columns"
+    return FusedView(consts, ids, n), ""
 
 
-def rule_channel_cut(b: _Builder, x: gs.Tensor, cuts: list[tuple[gs.Tensor, range]]) -> NodeRule:
-    """A Slice/Split along the channel axis: each cut ``y = x[..., a:b]`` reads the segments ``a:b`` of the fused
-    projection that writes ``x`` (see the module docstring); ``x`` itself is cut apart here, so it blocks."""
-    links: list[Link] = []
-    for y, seg in cuts:
-        segs, why = _fused_segments(b.ctx, x, seg)
-        if why is not None:
-            return b.block_all(f"{b.node.op} along the channel axis ({why})")
-        for item in segs:
-            links.append(Link("bcast", [item], b.ctx.item(y), [(len(seg),)], b.ctx.shape(y)))
-    b.rule.links.extend(links)
-    b.rule.blocked[b.ctx.item(x)] = f"{b.node.op} cuts it into channel segments (each folds into the producer's)"
+def rule_part_cut(b: _Builder, t: gs.Tensor, view: FusedView) -> NodeRule:
+    """A cut of a fused projection's output ``t`` into parts: each output of this node reads the part of the
+    constants in ``view`` that the cut selects (see the module docstring); ``t`` itself is cut apart, so it blocks."""
+    ctx = b.ctx
+    owner = np.full(view.n, -1, dtype=np.int64)  # column -> index of the part that reads it
+    parts: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    mine: list[tuple[gs.Tensor, tuple[int, ...], tuple[int, ...]]] = []
+    for reader in t.outputs:
+        if reader.op in _SHAPE_READS:
+            continue
+        cuts = _cut(reader, ctx, view.ids) if reader.inputs and reader.inputs[0] is t else None
+        if cuts is None:
+            return b.block_all(f"{b.node.op} of a fused projection's output that is also read whole by {reader.op} "
+                               f"{reader.name}")
+        for y, ids in cuts:
+            core = _core(ids)
+            key = (core.shape, tuple(core.ravel().tolist()))
+            if len(set(key[1])) != core.size:
+                return b.block_all(f"{b.node.op}: {reader.op} {reader.name} reads a fused column twice")
+            if key not in parts:
+                parts[key] = len(parts)
+                if (owner[core.ravel()] >= 0).any():
+                    return b.block_all(f"{b.node.op}: {reader.op} {reader.name} cuts a part that overlaps another")
+                owner[core.ravel()] = parts[key]
+            if reader is b.node:
+                mine.append((y, *key))
+    for y, shape, positions in mine:
+        for const, axis in view.consts:
+            b.rule.links.append(Link("bcast", [ConstPart(const, axis, shape, positions)], ctx.item(y), [shape],
+                                     ctx.shape(y)))
+    b.rule.blocked[ctx.item(t)] = f"{b.node.op} cuts it into parts (each folds into its columns of the projection)"
     b.neutral(*b.ins[1:])
     return b.rule
 
 
 def rule_slice(b: _Builder) -> NodeRule:
-    got = _slice_bounds(b.node, b.ctx)
-    if got is None:
+    slices = _slice_bounds(b.node, b.ctx)
+    if slices is None:
         return b.block_all("Slice with bounds of unknown value")
-    slices, kept = got
-    if kept is not None:
-        return rule_channel_cut(b, b.ins[0], [(b.outs[0], kept)])
+    axes = _cut_axes(b.node, b.ctx)
+    rank = len(slices)
+    if axes:
+        view, why = fused_view(b.ctx, b.ins[0], axes)
+        if view is not None:
+            return rule_part_cut(b, b.ins[0], view)
+        if rank - 1 in axes:
+            return b.block_all(f"Slice along the channel axis ({why})")
     b.neutral(*[t for t in b.node.inputs[1:] if t.name])
     slices[-1] = slice(None)
     b.link("slice", [b.ins[0]], b.outs[0], slices=tuple(slices))
@@ -461,11 +542,13 @@ def rule_slice(b: _Builder) -> NodeRule:
 def rule_split(b: _Builder) -> NodeRule:
     rank = len(b.ctx.shape(b.ins[0]))
     axis = int(b.node.attrs.get("axis", 0)) % rank
+    if any(b.ctx.shape(o) is None for o in b.node.outputs if o.name):
+        return b.block_all("Split into parts of unknown size")
+    view, why = fused_view(b.ctx, b.ins[0], [axis])
+    if view is not None:
+        return rule_part_cut(b, b.ins[0], view)
     if axis == rank - 1:
-        ranges = _split_ranges(b.node, b.ctx)
-        if ranges is None:
-            return b.block_all("Split along the channel axis into parts of unknown size")
-        return rule_channel_cut(b, b.ins[0], [(o, r) for o, r in zip(b.node.outputs, ranges) if o.name])
+        return b.block_all(f"Split along the channel axis ({why})")
     b.neutral(*b.ins[1:])
     start = 0
     for o in b.outs:
