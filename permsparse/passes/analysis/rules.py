@@ -454,8 +454,8 @@ def fused_view(ctx: Ctx, t: gs.Tensor, cut_axes: list[int]) -> tuple[FusedView |
                     return None, f"{p.op} {p.name} broadcasts along the channel axis"
                 consts.append((ref.name, len(ref.shape) - 1))
         else:
-            return None, f"{cur.name} is computed by {p.op} {p.name}, not by a constant-weight MatMul (through " \
-                         "element-moving or per-column ops)"
+            return None, (f"{cur.name} is computed by {p.op} {p.name}, not by a constant-weight MatMul (through "
+                          "element-moving or per-column ops)")
         way.append(p)
         cur = acts[0]
     else:
