@@ -374,3 +374,41 @@ def test_rule_by_rule(tmp_path, body, inits, b_name, k2, free, why):
     out = gs.export_onnx(graph)
     eq = check_equivalent(model, out, [random_feeds(model, resolve_shapes(model), seed=1)], rtol=RTOL)
     assert eq.ok, eq
+
+
+@pytest.mark.parametrize("shared", ["bias", "weight"])
+def test_fused_part_of_a_shared_constant_blocks(tmp_path, shared):
+    """A fused projection's part folds into its columns only when no other node reads the constants it would permute
+    (the legacy exporter shares equal initializers): with the bias (or the weight) also read by a second projection
+    whose output is a graph output, the part's closure is blocked, and every closure that does fold keeps the function
+    (both outputs) unchanged."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["A0"], name="mm1"),
+             helper.make_node("Add", ["A0", "bias"], ["A"], name="bias1"),
+             helper.make_node("Split", ["A", "sp"], ["P", "Q"], name="split", axis=-1),
+             helper.make_node("MatMul", ["P", "W2"], ["Y"], name="mm2"),
+             helper.make_node("MatMul", ["X", "W1" if shared == "weight" else "W3"], ["Z0"], name="mm3"),
+             helper.make_node("Add", ["Z0", "bias" if shared == "bias" else "bias3"], ["Z"], name="bias3")]
+    inits = [_c("W1", _RNG.standard_normal((16, 16)).astype(_F)), _c("W2", _RNG.standard_normal((8, 8)).astype(_F)),
+             _c("W3", _RNG.standard_normal((16, 16)).astype(_F)), _c("bias", _RNG.standard_normal(16).astype(_F)),
+             _c("bias3", _RNG.standard_normal(16).astype(_F)), _c("sp", np.array([8, 8], np.int64))]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 4, 16])],
+                              [helper.make_empty_tensor_value_info("Y"), helper.make_empty_tensor_value_info("Z")],
+                              initializer=inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                                                ir_version=10))
+    path = tmp_path / "shared.onnx"
+    onnx.save(model, str(path))
+    model, graph, plan = _plan(path)
+    c = plan.closure_of(next(w.name for w in plan.weights.values() if w.const == "W2"))
+    assert not c.foldable and "shared with other nodes" in c.describe(), c.describe()
+    units = [Unit(f"closure{cl.id}", cl.id, None, tuple(cl.siblings), cl.k, cl.block) for cl in plan.closures
+             if cl.foldable]
+    rng = np.random.default_rng(0)
+    perms = {u.name: np.concatenate([rng.permutation(u.block) + i * u.block for i in range(u.k // u.block)])
+             for u in units}
+    apply_fold(graph, plan, units, perms)
+    eq = check_equivalent(model, gs.export_onnx(graph), [random_feeds(model, resolve_shapes(model), seed=1)],
+                          rtol=RTOL)
+    assert eq.ok, eq

@@ -343,19 +343,21 @@ def _slice_bounds(node: gs.Node, ctx: Ctx) -> list[slice] | None:
     return slices
 
 
-def _cut_axes(node: gs.Node, ctx: Ctx) -> list[int] | None:
-    """The axes a Slice/Split/Gather cuts (``None`` if its bounds or indices are not known)."""
-    shape = ctx.shape(node.inputs[0])
-    rank = len(shape)
-    if node.op == "Slice":
-        slices = _slice_bounds(node, ctx)
-        if slices is None:
-            return None
-        return [ax for ax, sl in enumerate(slices) if range(shape[ax])[sl] != range(shape[ax])]
-    axis = int(node.attrs.get("axis", 0)) % rank
-    if node.op == "Gather" and ctx.value(node.inputs[1]) is None:
-        return None
-    return [axis]
+def _sliced_axes(slices: list[slice], shape: tuple[int, ...]) -> list[int]:
+    """The axes a Slice does not keep whole."""
+    return [ax for ax, sl in enumerate(slices) if range(shape[ax])[sl] != range(shape[ax])]
+
+
+def _read_once(t: gs.Tensor) -> bool:
+    """Whether the constant behind input ``t`` (possibly through Transpose/Cast/Identity) is read by this one reader
+    only: permuting part of it must not change what another node reads."""
+    while len(t.outputs) == 1:
+        if const_of(t) is not None:
+            return True
+        if len(t.inputs) != 1 or not t.inputs[0].inputs:
+            return False
+        t = t.inputs[0].inputs[0]
+    return False
 
 
 def _cut(node: gs.Node, ctx: Ctx, ids: np.ndarray) -> list[tuple[gs.Tensor, np.ndarray]] | None:
@@ -452,6 +454,8 @@ def fused_view(ctx: Ctx, t: gs.Tensor, cut_axes: list[int]) -> tuple[FusedView |
             if not _invariant(ref.shape):
                 if ref.shape[-1] != n:
                     return None, f"{p.op} {p.name} broadcasts along the channel axis"
+                if not _read_once(next(i for i in p.inputs if i is not acts[0])):
+                    return None, f"{p.op} {p.name}'s constant {ref.name} is shared with other nodes"
                 consts.append((ref.name, len(ref.shape) - 1))
         else:
             return None, (f"{cur.name} is computed by {p.op} {p.name}, not by a constant-weight MatMul (through "
@@ -464,12 +468,16 @@ def fused_view(ctx: Ctx, t: gs.Tensor, cut_axes: list[int]) -> tuple[FusedView |
     shape0 = ctx.shape(cur)
     if shape0 is None or shape0[-1] != n:
         return None, f"{p.op} {p.name}'s output does not hold its {n} columns last"
+    if not _read_once(p.inputs[1]):
+        return None, f"{p.op} {p.name}'s weight {chain.const.name} is shared with other nodes"
     consts.insert(0, (chain.const.name, chain.n_axis))
     if p.op == "Gemm" and len(p.inputs) > 2 and p.inputs[2].name:
         ref = const_of(p.inputs[2])
         if ref is None or (not _invariant(ref.shape) and (ref.shape[-1] != n or int(np.prod(ref.shape)) != n)):
             return None, f"Gemm {p.name} has a bias that is not a constant row"
         if not _invariant(ref.shape):
+            if not _read_once(p.inputs[2]):
+                return None, f"Gemm {p.name}'s bias {ref.name} is shared with other nodes"
             consts.insert(1, (ref.name, len(ref.shape) - 1))
     if any(ctx.shape(q.outputs[0]) is None for q in way):
         return None, "a tensor on the way to the MatMul has no known shape"
@@ -525,7 +533,7 @@ def rule_slice(b: _Builder) -> NodeRule:
     slices = _slice_bounds(b.node, b.ctx)
     if slices is None:
         return b.block_all("Slice with bounds of unknown value")
-    axes = _cut_axes(b.node, b.ctx)
+    axes = _sliced_axes(slices, b.ctx.shape(b.ins[0]))
     rank = len(slices)
     if axes:
         view, why = fused_view(b.ctx, b.ins[0], axes)
