@@ -3,7 +3,8 @@
 Rewrite. A unit is either a whole closure or (policy ``local``) one sibling group cut out of a closure. For a whole
 closure with canonical permutation ``perm`` (``new[i] = old[perm[i]]`` over ``classes × block`` channels), every member
 constant (weight rows and columns, biases, norm parameters, embedding tables) is re-indexed along its permuted axis:
-block ``t`` of class ``c`` takes ``perm``'s block ``c``. Under policy ``global`` a closure with blocked boundaries gets
+block ``t`` of class ``c`` takes ``perm``'s block ``c``; a member that is one part of a fused projection's columns
+(:class:`~permsparse.passes.analysis.ConstPart`) re-indexes only the columns it holds, row by row of the part. Under policy ``global`` a closure with blocked boundaries gets
 a ``Gather`` on the channel axis at each boundary: the inverse permutation where a permuted tensor leaves the closure
 (e.g. before ``last_hidden_state``), the permutation where an unpermuted tensor enters it. Under ``local`` a group's
 input ``X`` is replaced, for that group's MatMuls only, by ``Gather(X, perm)``, and the group's weight rows are permuted
