@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -19,10 +20,13 @@ from permsparse.models.families import FAMILIES
 LAYERS = 3
 ENCODERS = {"bert", "roberta", "distilbert", "vit", "deit", "clip-text", "clip-vision"}
 #: closures that do not fold for free, per family, and why (everything else folds with nothing added):
-#: an encoder's residual stream leaves the graph as ``last_hidden_state`` (a graph output); a fused projection's
-#: output is cut along the channel axis (Phi-3's qkv_proj Slice and gate_up_proj Split, GPT-2's c_attn Split), so
-#: the O-proj/down-proj input closures meet a channel Slice/Split (they get a Gather under ``local``).
-BLOCKED = {**{f: 1 for f in ENCODERS}, "phi3": 2 * LAYERS, "gpt2": LAYERS}
+#: an encoder's residual stream leaves the graph as ``last_hidden_state`` (a graph output). A fused projection's
+#: output cut along the channel axis (Phi-3's qkv_proj Slice and gate_up_proj Split/Slice, GPT-2's c_attn Split) does
+#: not block: the O-proj/down-proj input closures fold into the matching part of the fused columns (and bias).
+BLOCKED = {f: 1 for f in ENCODERS}
+#: parts of fused projections' columns that are closure members: Phi-3's V part of qkv_proj and the gate and up
+#: parts of gate_up_proj, GPT-2's V part of c_attn (the same part of its bias is a member too, as a parameter)
+FUSED_PARTS = {"phi3": 3 * LAYERS, "gpt2": LAYERS}
 FAST_FOLD = ("llama", "gemma3", "phi3", "gpt2", "bert", "vit", "clip-text")
 FAST_DEFAULTS = ("gemma3",)
 
@@ -95,6 +99,13 @@ def test_family_blocks_and_closures(family_model, name, exporter):
     assert len(plan.prunable) >= 4 * LAYERS
     blocked = sum(1 for c in plan.closures if not c.foldable)
     assert blocked == BLOCKED.get(name, 0), [c.describe() for c in plan.closures if not c.foldable]
+    parts = [mb for c in plan.closures for mb in c.members if mb.part is not None]
+    assert sum(mb.role == "cols" for mb in parts) == FUSED_PARTS.get(name, 0), parts
+    # under policy local only the residual stream (the closure read by many sibling groups) is cut by Gathers
+    from permsparse.passes.fold import plan_units
+
+    cut = {u.closure for u in plan_units(plan, "local").units if u.group is not None}
+    assert len(cut) == 1 and len(plan.closures[cut.pop()].groups) > 1
     # side tensors (masks, RoPE tables, shapes) are computed without running any weight of the model
     index = ModelIndex(model)
     nodes, missing = index.walk(index.graph_inputs, [bp.first, *bp.side])
@@ -119,6 +130,22 @@ def test_family_fold_policy_exact_and_valid(family_model, tmp_path, name, export
     assert r.fold.units_applied == free > 0
     assert r.equivalence.max_rel_error <= 1e-4
     assert r.nm_valid and all(r.nm_valid.values()) and len(r.nm_valid) == len(r.plan.prunable)
+    # a fused projection's columns are permuted part by part: each part's columns stay among them, and columns of
+    # no member part (Q and K of a fused qkv) keep their place
+    parts: dict[tuple[str, int], list[np.ndarray]] = {}
+    for c in r.plan.closures:
+        for mb in c.members:
+            if mb.part is not None:
+                parts.setdefault((mb.const, mb.axis), []).append(mb.part.ravel())
+    permuted = [key for key in parts if key in r.fold.indices]
+    assert len(permuted) >= (LAYERS if name in FUSED_PARTS else 0), (len(parts), len(permuted))
+    for key in permuted:
+        idx = r.fold.indices[key]
+        outside = np.ones(len(idx), bool)
+        for pos in parts[key]:
+            assert sorted(idx[pos].tolist()) == sorted(pos.tolist()), key
+            outside[pos] = False
+        np.testing.assert_array_equal(idx[outside], np.flatnonzero(outside))
     inits = {t.name: t for t in onnx.load(str(out)).graph.initializer}
     for w in r.plan.prunable:
         info = r.plan.weights[w]
@@ -143,8 +170,6 @@ def test_family_blockwise_defaults_end_to_end(family_model, tmp_path, name, expo
 def test_family_ops_one_by_one_match_onnxruntime(family_model, name, exporter):
     """Every op type of the export runs in the torch evaluator and matches onnxruntime on its real inputs (the first
     node of each type, fed the tensors onnxruntime computed for it)."""
-    import numpy as np
-
     from permsparse.ir.inputs import concrete_shapes, random_feeds
     from permsparse.passes.probe import probe_session
     from permsparse.torchgraph import GraphProgram, unsupported_ops
@@ -217,7 +242,6 @@ def test_defaults_fall_back_when_a_block_holds_an_op_torch_lacks(family_model, t
 def test_inspect_explains_blocks_and_warns_when_the_stream_is_kept_live(family_model, tmp_path):
     """``inspect`` reports blocks, layers, closures and what optimize would do; a model whose embeddings are read
     again at the end (so no cut exists after them) gets a warning naming that tensor."""
-    import numpy as np
     from onnx import helper, numpy_helper
 
     from permsparse.inspection import inspect_model

@@ -11,7 +11,7 @@ from conftest import EXPORTERS, MODELS
 from permsparse.ir.inputs import concrete_shapes as resolve_shapes
 from permsparse.ir.inputs import random_feeds
 from permsparse.passes.analysis import analyze
-from permsparse.passes.fold import apply_fold, plan_units
+from permsparse.passes.fold import Unit, apply_fold, plan_units
 from permsparse.passes.names import name_nodes
 from permsparse.passes.probe import probe
 from permsparse.passes.sparsify import apply_masks, nm_report
@@ -282,12 +282,54 @@ RULE_CASES = [
      "B", 16, True, None),
     ("shape-read-is-neutral", [_n("Relu", ["A"], ["R"]), _n("Shape", ["A"], ["S"]), _n("Reshape", ["R", "S"], ["B"])],
      [], "B", 16, True, None),
-    ("slice-channel-axis", [_n("Slice", ["A", "st", "en", "ax"], ["B"])],
+    # cuts of a fused projection's output: each part folds into its columns of W1 (and of a bias)
+    ("fused-projection-slice", [_n("Slice", ["A", "st", "en", "ax"], ["B"])],
      [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64))],
-     "B", 8, False, "Slice along the channel axis"),
+     "B", 8, True, None),
     ("fused-projection-split", [_n("Split", ["A", "sp"], ["B", "B2"], axis=-1)], [_c("sp", np.array([8, 8], np.int64))],
-     "B", 8, False, "Split along the channel axis"),
-    ("gather-channel-axis", [_n("Gather", ["A", "idx"], ["B"], axis=-1)],
+     "B", 8, True, None),
+    ("fused-gate-up", [_n("Split", ["A"], ["G", "U"], axis=-1, num_outputs=2), _n("Sigmoid", ["G"], ["S"]),
+                       _n("Mul", ["G", "S"], ["GS"]), _n("Mul", ["GS", "U"], ["B"])], [], "B", 8, True, None),
+    ("fused-bias-reshape-split", [_n("Add", ["A", "bias"], ["Ab"]), _n("Reshape", ["Ab", "s2"], ["R"]),
+                                  _n("Split", ["R", "sp"], ["B2", "B"], axis=-1)],
+     [_c("bias", _RNG.standard_normal(16).astype(_F)), _c("s2", np.array([8, 16], np.int64)),
+      _c("sp", np.array([8, 8], np.int64))], "B", 8, True, None),
+    ("fused-qkv-heads", [_n("Split", ["A", "sp3"], ["q", "k", "v"], axis=-1),
+                         _n("Reshape", ["q", "hq"], ["q4"]), _n("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+                         _n("Reshape", ["k", "hq"], ["k4"]), _n("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+                         _n("MatMul", ["qh", "kt"], ["sc"]), _n("Softmax", ["sc"], ["pr"], axis=-1),
+                         _n("Reshape", ["v", "hv"], ["v4"]), _n("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
+                         _n("MatMul", ["pr", "vh"], ["o"]), _n("Transpose", ["o"], ["o4"], perm=[0, 2, 1, 3]),
+                         _n("Reshape", ["o4", "s8"], ["B"])],
+     [_c("sp3", np.array([4, 4, 8], np.int64)), _c("hq", np.array([2, 4, 2, 2], np.int64)),
+      _c("hv", np.array([2, 4, 2, 4], np.int64)), _c("s8", np.array([2, 4, 8], np.int64))], "B", 8, True, None),
+    # GPT-NeoX layout: per-head [q|v] after a head reshape, cut along the channel axis: V's columns differ by head
+    ("fused-heads-then-split", [_n("Reshape", ["A", "h4"], ["A4"]), _n("Split", ["A4", "sp"], ["q", "v"], axis=-1),
+                                _n("Relu", ["q"], ["q2"]), _n("Mul", ["v", "q2"], ["o"]), _n("Reshape", ["o", "s8"], ["B"])],
+     [_c("h4", np.array([2, 4, 2, 8], np.int64)), _c("sp", np.array([4, 4], np.int64)),
+      _c("s8", np.array([2, 4, 8], np.int64))], "B", 8, True, None),
+    # timm layout: qkv reshaped to [B, S, parts, heads, head_dim], parts moved first and taken apart by Gather
+    ("fused-unbind-heads", [_n("Reshape", ["A", "h5"], ["A5"]), _n("Transpose", ["A5"], ["AT"], perm=[2, 0, 3, 1, 4]),
+                            _n("Gather", ["AT", "i0"], ["q"], axis=0), _n("Gather", ["AT", "i1"], ["v"], axis=0),
+                            _n("Transpose", ["q"], ["kt"], perm=[0, 1, 3, 2]), _n("MatMul", ["q", "kt"], ["sc"]),
+                            _n("Softmax", ["sc"], ["pr"], axis=-1), _n("MatMul", ["pr", "v"], ["o"]),
+                            _n("Transpose", ["o"], ["o4"], perm=[0, 2, 1, 3]), _n("Reshape", ["o4", "s8"], ["B"])],
+     [_c("h5", np.array([2, 4, 2, 2, 4], np.int64)), _c("i0", np.array(0, np.int64)), _c("i1", np.array(1, np.int64)),
+      _c("s8", np.array([2, 4, 8], np.int64))], "B", 8, True, None),
+    ("channel-slice-of-a-tensor-read-whole", [_n("ReduceMean", ["A", "ax"], ["M"]),
+                                              _n("Slice", ["A", "st", "en", "ax"], ["S"]), _n("Add", ["S", "M"], ["B"])],
+     [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64))],
+     "B", 8, False, "read whole by ReduceMean"),
+    ("channel-slices-overlap", [_n("Slice", ["A", "st", "en", "ax"], ["S"]), _n("Slice", ["A", "st2", "en2", "ax"], ["T"]),
+                                _n("Add", ["S", "T"], ["B"])],
+     [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64)),
+      _c("st2", np.array([4], np.int64)), _c("en2", np.array([12], np.int64))], "B", 8, False, "overlaps another"),
+    ("channel-slice-of-an-activation-sum", [_n("Add", ["A", "X"], ["Z"]), _n("Slice", ["Z", "st", "en", "ax"], ["B"])],
+     [_c("st", np.array([0], np.int64)), _c("en", np.array([8], np.int64)), _c("ax", np.array([-1], np.int64))],
+     "B", 8, False, "not by a constant-weight MatMul"),
+    ("gather-channel-axis-of-a-projection", [_n("Gather", ["A", "idx"], ["B"], axis=-1)],
+     [_c("idx", np.arange(16)[::-1].copy().astype(np.int64))], "B", 16, True, None),
+    ("gather-channel-axis", [_n("Add", ["A", "X"], ["Z"]), _n("Gather", ["Z", "idx"], ["B"], axis=-1)],
      [_c("idx", np.arange(16)[::-1].copy().astype(np.int64))], "B", 16, False, "Gather along the channel axis"),
     ("broadcast-along-channels", [_n("Add", ["A", "col"], ["B"])], [_c("col", _RNG.standard_normal((4, 1)).astype(_F))],
      "B", 16, True, None),
@@ -310,15 +352,63 @@ def test_rule_by_rule(tmp_path, body, inits, b_name, k2, free, why):
     assert c.foldable == free, c.describe()
     if free:
         assert any(mb.const == "W1" and mb.role == "cols" for mb in c.members)
+        w1 = [mb for mb in c.members if mb.const == "W1" and mb.role == "cols"]
+        if k2 < 16:  # W2 reads a part of the fused projection W1: only that part's columns of W1 are members
+            assert all(mb.part is not None and mb.part.size == k2 for mb in w1), w1
+        else:  # all of W1's columns (a Gather along the channel axis reorders them all: one part of 16)
+            assert all(mb.part is None or sorted(mb.part.ravel().tolist()) == list(range(16)) for mb in w1), w1
     else:
         assert why in c.describe()
     w1 = next(w for w in plan.weights.values() if w.const == "W1")
     assert plan.closure_of(w1.name).problem is None
-    units = plan_units(plan, "fold")
+    # every closure that folds for free, prunable or not (W2 writes the graph output, so it is a head), gets a
+    # random permutation within its blocks; folded, the function is unchanged
+    units = [Unit(f"closure{cl.id}", cl.id, None, tuple(cl.siblings), cl.k, cl.block) for cl in plan.closures
+             if cl.foldable]
+    assert (c in [plan.closures[u.closure] for u in units]) == free
     rng = np.random.default_rng(0)
     perms = {u.name: np.concatenate([rng.permutation(u.block) + i * u.block for i in range(u.k // u.block)])
-             for u in units.units}
-    apply_fold(graph, plan, units.units, perms)
+             for u in units}
+    assert all(not np.array_equal(p, np.arange(len(p))) for p in perms.values())
+    apply_fold(graph, plan, units, perms)
     out = gs.export_onnx(graph)
     eq = check_equivalent(model, out, [random_feeds(model, resolve_shapes(model), seed=1)], rtol=RTOL)
+    assert eq.ok, eq
+
+
+@pytest.mark.parametrize("shared", ["bias", "weight"])
+def test_fused_part_of_a_shared_constant_blocks(tmp_path, shared):
+    """A fused projection's part folds into its columns only when no other node reads the constants it would permute
+    (the legacy exporter shares equal initializers): with the bias (or the weight) also read by a second projection
+    whose output is a graph output, the part's closure is blocked, and every closure that does fold keeps the function
+    (both outputs) unchanged."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["A0"], name="mm1"),
+             helper.make_node("Add", ["A0", "bias"], ["A"], name="bias1"),
+             helper.make_node("Split", ["A", "sp"], ["P", "Q"], name="split", axis=-1),
+             helper.make_node("MatMul", ["P", "W2"], ["Y"], name="mm2"),
+             helper.make_node("MatMul", ["X", "W1" if shared == "weight" else "W3"], ["Z0"], name="mm3"),
+             helper.make_node("Add", ["Z0", "bias" if shared == "bias" else "bias3"], ["Z"], name="bias3")]
+    inits = [_c("W1", _RNG.standard_normal((16, 16)).astype(_F)), _c("W2", _RNG.standard_normal((8, 8)).astype(_F)),
+             _c("W3", _RNG.standard_normal((16, 16)).astype(_F)), _c("bias", _RNG.standard_normal(16).astype(_F)),
+             _c("bias3", _RNG.standard_normal(16).astype(_F)), _c("sp", np.array([8, 8], np.int64))]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 4, 16])],
+                              [helper.make_empty_tensor_value_info("Y"), helper.make_empty_tensor_value_info("Z")],
+                              initializer=inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                                                ir_version=10))
+    path = tmp_path / "shared.onnx"
+    onnx.save(model, str(path))
+    model, graph, plan = _plan(path)
+    c = plan.closure_of(next(w.name for w in plan.weights.values() if w.const == "W2"))
+    assert not c.foldable and "shared with other nodes" in c.describe(), c.describe()
+    units = [Unit(f"closure{cl.id}", cl.id, None, tuple(cl.siblings), cl.k, cl.block) for cl in plan.closures
+             if cl.foldable]
+    rng = np.random.default_rng(0)
+    perms = {u.name: np.concatenate([rng.permutation(u.block) + i * u.block for i in range(u.k // u.block)])
+             for u in units}
+    apply_fold(graph, plan, units, perms)
+    eq = check_equivalent(model, gs.export_onnx(graph), [random_feeds(model, resolve_shapes(model), seed=1)],
+                          rtol=RTOL)
     assert eq.ok, eq

@@ -3,7 +3,8 @@
 Rewrite. A unit is either a whole closure or (policy ``local``) one sibling group cut out of a closure. For a whole
 closure with canonical permutation ``perm`` (``new[i] = old[perm[i]]`` over ``classes × block`` channels), every member
 constant (weight rows and columns, biases, norm parameters, embedding tables) is re-indexed along its permuted axis:
-block ``t`` of class ``c`` takes ``perm``'s block ``c``. Under policy ``global`` a closure with blocked boundaries gets
+block ``t`` of class ``c`` takes ``perm``'s block ``c``; a member that is one part of a fused projection's columns
+(:class:`~permsparse.passes.analysis.ConstPart`) re-indexes only the columns it holds, row by row of the part. Under policy ``global`` a closure with blocked boundaries gets
 a ``Gather`` on the channel axis at each boundary: the inverse permutation where a permuted tensor leaves the closure
 (e.g. before ``last_hidden_state``), the permutation where an unpermuted tensor enters it. Under ``local`` a group's
 input ``X`` is replaced, for that group's MatMuls only, by ``Gather(X, perm)``, and the group's weight rows are permuted
@@ -25,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from permsparse.ir.graph import const_index
-from permsparse.passes.analysis import Closure, Plan
+from permsparse.passes.analysis import Closure, Member, Plan
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,18 @@ def block_perm(perm: np.ndarray, block_map: np.ndarray, block: int) -> np.ndarra
     i = np.tile(np.arange(block), nb)
     c = np.asarray(block_map)[t]
     return t * block + perm[c * block + i] - c * block
+
+
+def part_perm(perm: np.ndarray, mb: Member, block: int, length: int) -> np.ndarray:
+    """Index permutation of a whole axis of ``length`` channels of which member ``mb`` holds a fused projection's
+    part: each row of the part (its channels at one head, say) is permuted like a channel axis with that row's block
+    classes; channels outside the part keep their place."""
+    pos = mb.part.reshape(-1, mb.part.shape[-1])
+    bm = mb.block_map.reshape(-1, mb.block_map.shape[-1])
+    full = np.arange(length)
+    for r in range(len(pos)):
+        full[pos[r]] = pos[r][block_perm(perm, bm[r], block)]
+    return full
 
 
 def _uniform_blocks(labels: np.ndarray) -> np.ndarray | None:
@@ -147,8 +160,11 @@ def apply_fold(
         closure = plan.closures[unit.closure]
         if unit.group is None:
             for mb in closure.members:
-                idx = block_perm(perm, mb.block_map, closure.block)
                 ref = consts[mb.const]
+                if mb.part is None:
+                    idx = block_perm(perm, mb.block_map, closure.block)
+                else:  # a fused projection's part: its columns only
+                    idx = part_perm(perm, mb, closure.block, ref.shape[mb.axis])
                 ref.set_values(np.take(ref.values, idx, axis=mb.axis))
                 result.record(mb.const, mb.axis, idx)
             for name in _boundary_gathers(graph, tensors, closure, perm):

@@ -8,8 +8,10 @@ run time.
 How closures are found. Every activation tensor and every constant axis is an *item*. Each node relates the items it
 touches (:mod:`.rules`, one rule per op): elementwise ops, norms over the last axis, head reshapes, attention's
 ``probs @ V`` pass a permutation from input to output; a MatMul with a constant weight absorbs it (rows of the weight
-on the input side, columns on the output side); Shape and reductions over the channel axis are neutral; anything else
-*blocks* (a boundary). A breadth-first walk over these relations gives each closure's items (:mod:`.closures`).
+on the input side, columns on the output side); a Slice/Split/Gather that cuts a fused projection's output into parts
+links each part to the projection's columns (and bias) that hold it (:func:`.rules.rule_part_cut`);
+Shape and reductions over the channel axis are neutral; anything else *blocks* (a boundary). A breadth-first walk
+over these relations gives each closure's items (:mod:`.closures`).
 
 Invariant that proves a fold correct. Inside a closure, let ``b`` be the gcd of all channel-axis lengths. Every item's
 channel axis is cut into aligned blocks of ``b``; each node's relation maps blocks of its inputs to blocks of its
@@ -22,7 +24,8 @@ So the network function is unchanged. The canonical channel space of a closure i
 KV head (GQA) share a class, which is how tied blocks arise.
 
 Postconditions (checked): every weight belongs to exactly one closure, whose rows member covers a prunable one; every
-closure without a problem has a block size that is a multiple of M.
+closure without a problem has a block size that is a multiple of M; no channel of a constant is a member of two
+closures, nor of two parts of one closure (a fused projection's parts are disjoint).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from permsparse.passes.analysis.plan import (
     Boundary,
     Closure,
     ConstAxis,
+    ConstPart,
     Item,
     Member,
     Plan,
@@ -116,12 +120,26 @@ def _postconditions(plan: Plan) -> None:
             raise AssertionError(f"analysis: closure {c.id} lacks the rows of weight {name}")
         if c.problem is None and c.block % plan.m:
             raise AssertionError(f"analysis: closure {c.id} has block {c.block}, not a multiple of M={plan.m}")
+    claimed: dict[tuple[str, int], list[tuple[set[int], int]]] = {}  # (constant, axis) -> (channels, closure)
+    for c in plan.closures:
+        if c.problem is not None:
+            continue
+        for mb in c.members:
+            claimed.setdefault((mb.const, mb.axis), []).append(
+                (set(range(len(mb.block_map) * c.block)) if mb.part is None else set(mb.part.ravel().tolist()), c.id))
+    for (const, axis), owners in claimed.items():
+        for i in range(1, len(owners)):
+            for j in range(i):
+                if owners[i][0] & owners[j][0]:
+                    raise AssertionError(f"analysis: channels of {const} axis {axis} are members of closures "
+                                         f"{owners[j][1]} and {owners[i][1]}")
 
 
 __all__ = [
     "Boundary",
     "Closure",
     "ConstAxis",
+    "ConstPart",
     "Item",
     "Member",
     "Plan",

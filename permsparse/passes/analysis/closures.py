@@ -22,6 +22,7 @@ from permsparse.passes.analysis.plan import (
     Boundary,
     Closure,
     ConstAxis,
+    ConstPart,
     Item,
     Member,
     TensorItem,
@@ -76,7 +77,7 @@ def walk(
             rule = rules[idx]
             node = nodes[idx]
             if it in rule.blocked:
-                if isinstance(it, ConstAxis):
+                if isinstance(it, (ConstAxis, ConstPart)):
                     side = "constant"
                 else:
                     side = "producer" if any(o.name == it.name for o in node.outputs) else "consumer"
@@ -98,6 +99,8 @@ def walk(
 def _item_shape(it: Item, ctx: Ctx, const_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
     if isinstance(it, TensorItem):
         return tuple(ctx.probe.shapes[it.name])
+    if isinstance(it, ConstPart):
+        return it.shape
     return (const_shapes[it.const][it.axis],)
 
 
@@ -134,7 +137,7 @@ def build_closure(
     lshape: dict[Item, tuple[int, ...]] = {}
     total = 0
     for it, s in shapes.items():
-        ls = s[:-1] + (s[-1] // block,) if isinstance(it, TensorItem) else (s[0] // block,)
+        ls = s[:-1] + (s[-1] // block,)
         lshape[it] = ls
         offsets[it] = total
         total += int(np.prod(ls))
@@ -180,17 +183,23 @@ def build_closure(
     for chain in chains.values():
         roles[(chain.const.name, chain.k_axis)] = "rows"
         roles.setdefault((chain.const.name, chain.n_axis), "cols")
-    members: list[tuple[str, int, str]] = []
+    members: list[tuple[Item, str]] = []
     for it in items:
         if isinstance(it, ConstAxis):
             role = roles.get((it.const, it.axis))
             if role is None:
                 is_table = len(const_shapes[it.const]) == 2 and it.axis == 1 and (it.const, 0) not in roles
                 role = "table" if is_table else "param"
-            members.append((it.const, it.axis, role))
+            members.append((it, role))
+        elif isinstance(it, ConstPart):  # a part of a fused projection's columns, or of its bias
+            members.append((it, roles.get((it.const, it.axis), "param")))
     # rows first so canonical classes follow the siblings' row order
-    members.sort(key=lambda mb: {"rows": 0, "cols": 1, "table": 2, "param": 3}[mb[2]])
-    closure.members = [Member(c, ax, role, cls(labels(ConstAxis(c, ax)))) for c, ax, role in members]  # type: ignore[arg-type]
+    members.sort(key=lambda mb: {"rows": 0, "cols": 1, "table": 2, "param": 3}[mb[1]])
+    closure.members = [
+        Member(it.const, it.axis, role, cls(labels(it)),  # type: ignore[arg-type]
+               np.asarray(it.positions, dtype=np.int64).reshape(it.shape) if isinstance(it, ConstPart) else None)
+        for it, role in members
+    ]
     closure.labels = {it.name: cls(labels(it)) for it in items if isinstance(it, TensorItem)}
     closure.n_classes = len(roots)
     return closure

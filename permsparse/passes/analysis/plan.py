@@ -29,7 +29,20 @@ class ConstAxis(NamedTuple):
     axis: int
 
 
-Item = TensorItem | ConstAxis
+class ConstPart(NamedTuple):
+    """Some channels of one axis of a constant, laid out as one part of a fused projection's output: the columns of
+    the fused weight (or channels of a bias after it) that one cut of the projection's output reads. ``positions``
+    (row-major, of ``shape``) are the channels of ``axis``; the last axis of ``shape`` is the part's channel axis,
+    its other axes those along which the part's channels differ (heads, when the cut follows a head reshape), of size
+    1 elsewhere. The other channels of the axis are not members."""
+
+    const: str
+    axis: int
+    shape: tuple[int, ...]
+    positions: tuple[int, ...]
+
+
+Item = TensorItem | ConstAxis | ConstPart
 
 
 @dataclass(frozen=True)
@@ -48,12 +61,14 @@ class Boundary:
 
 @dataclass(frozen=True)
 class Member:
-    """A constant axis that is permuted when the closure is: weight rows/cols, bias, norm parameters, tables."""
+    """A constant axis (or one part of it) that is permuted when the closure is: weight rows/cols, bias, norm
+    parameters, tables."""
 
     const: str
     axis: int
     role: Literal["rows", "cols", "param", "table"]
-    block_map: np.ndarray  # canonical class of each block of ``block`` along ``axis``
+    block_map: np.ndarray  # canonical class of each block of ``block`` along ``axis`` (of a part: shaped as ``part``)
+    part: np.ndarray | None = None  # a fused projection's part: the channels of ``axis`` it holds (ConstPart)
 
 
 @dataclass

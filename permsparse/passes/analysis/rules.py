@@ -5,6 +5,22 @@ through a transformation of the block labels: broadcast, reshape, transpose, ``p
 reduce), *blocked* items (the op does not commute with a permutation of that item's channel axis, with the reason)
 and *neutral* items (the op's result does not depend on their channel order: shapes, reductions over the channel
 axis, scalars). An op without a rule blocks everything it touches. Each rule is small and has its own test.
+
+Cuts of a fused projection's output (:func:`rule_part_cut`). A fused projection (Phi-3's ``qkv_proj`` and
+``gate_up_proj``, GPT-2's ``c_attn``, timm's ``qkv``) computes several parts with one MatMul and cuts its output
+apart: a Slice/Split/Gather along the channel axis, or along an axis that a reshape cut out of the channel axis (heads,
+or ``[3, heads, head_dim]``). Permuting the channels of one part only needs the weight's columns that hold that part
+(and the same channels of a bias or scale applied before any reshape) permuted alike: every other column is
+unchanged. :func:`fused_view` follows the cut's input back to a MatMul/Gemm with a constant weight through ops that
+move whole elements (unary ops, reshapes, transposes) or act per column (bias/scale constants), and computes for every
+element the column it comes from; applying the cut to that map gives, for each part, the columns it reads, as an
+array shaped like the part with its channel axis last (:class:`ConstPart`). The part is linked to those columns like a
+projection's output to its weight. Conditions: every tensor on the way is read by nothing else (shape reads aside),
+every reader of the cut tensor is a cut, and two parts read the same columns in the same layout or disjoint ones.
+Then permuting each part's columns commutes with the whole way and with every cut: the cut that reads the part sees
+it permuted, the others see no change. Parts combined elementwise (gate and up) meet in one closure and get the same
+permutation; a part read per head (V) gets its head structure from the reshapes and ``probs @ V`` after the cut, as
+an unfused projection does (and a part whose columns differ by head carries that in its own shape).
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from permsparse.ir.graph import WeightChain, const_of, opset_of
-from permsparse.passes.analysis.plan import ConstAxis, Item, TensorItem
+from permsparse.passes.analysis.plan import ConstAxis, ConstPart, Item, TensorItem
 from permsparse.passes.probe import Probe
 
 UNARY_OPS = frozenset(
@@ -71,6 +87,7 @@ class Ctx:
         self.probe = probe
         self.chains = chains
         self.opset = opset_of(graph)
+        self.graph_outputs = {t.name for t in graph.outputs}
 
     def shape(self, t: gs.Tensor) -> tuple[int, ...] | None:
         ref = const_of(t)
@@ -249,16 +266,22 @@ def rule_gather(b: _Builder) -> NodeRule:
     rank = len(ctx.shape(data))
     axis = int(b.node.attrs.get("axis", 0)) % rank
     b.neutral(idx)
+    ref = const_of(data)
+    indices = ctx.value(idx)
+    if ref is None and indices is not None:
+        view, why = fused_view(ctx, data, [axis])
+        if view is not None:
+            return rule_part_cut(b, data, view)
+        if axis == rank - 1:
+            return b.block_all(f"Gather along the channel axis ({why})")
     if axis == rank - 1:
         return b.block_all("Gather along the channel axis")
-    ref = const_of(data)
     if ref is not None:
         if rank != 2 or axis != 0:
             return b.block_all("Gather from a constant that is not a 2-D table")
         b.rule.links.append(Link("bcast", [ConstAxis(ref.name, 1)], ctx.item(b.outs[0]), [(ref.shape[1],)],
                                  ctx.shape(b.outs[0])))
         return b.rule
-    indices = ctx.value(idx)
     if indices is None:
         return b.block_all("Gather with indices of unknown value")
     b.link("take", [data], b.outs[0], axis=axis, indices=np.asarray(indices))
@@ -302,23 +325,224 @@ def rule_concat(b: _Builder) -> NodeRule:
     return b.rule
 
 
-def rule_slice(b: _Builder) -> NodeRule:
-    ctx, node = b.ctx, b.node
-    in_shape = ctx.shape(b.ins[0])
+def _slice_bounds(node: gs.Node, ctx: Ctx) -> list[slice] | None:
+    """A Slice node's slice of every axis of its input, or ``None`` when its bounds are not known."""
+    in_shape = ctx.shape(node.inputs[0])
+    if in_shape is None:
+        return None
     rank = len(in_shape)
     vals = [ctx.value(node.inputs[i]) if i < len(node.inputs) and node.inputs[i].name else None for i in range(1, 5)]
     starts, ends = vals[0], vals[1]
     if starts is None or ends is None:
-        return b.block_all("Slice with bounds of unknown value")
+        return None
     axes = [int(a) % rank for a in np.ravel(vals[2])] if vals[2] is not None else list(range(len(np.ravel(starts))))
     steps = [int(s) for s in np.ravel(vals[3])] if vals[3] is not None else [1] * len(axes)
     slices = [slice(None)] * rank
     for ax, st, en, sp in zip(axes, np.ravel(starts), np.ravel(ends), steps):
         slices[ax] = slice(int(st), int(en), sp)
-        if ax == rank - 1 and range(in_shape[-1])[slices[ax]] != range(in_shape[-1]):
-            return b.block_all("Slice along the channel axis")
-    b.neutral(*[t for t in node.inputs[1:] if t.name])
-    slices[rank - 1] = slice(None)
+    return slices
+
+
+def _sliced_axes(slices: list[slice], shape: tuple[int, ...]) -> list[int]:
+    """The axes a Slice does not keep whole."""
+    return [ax for ax, sl in enumerate(slices) if range(shape[ax])[sl] != range(shape[ax])]
+
+
+def _read_once(t: gs.Tensor) -> bool:
+    """Whether the constant behind input ``t`` (possibly through Transpose/Cast/Identity) is read by this one reader
+    only: permuting part of it must not change what another node reads."""
+    while len(t.outputs) == 1:
+        if const_of(t) is not None:
+            return True
+        if len(t.inputs) != 1 or not t.inputs[0].inputs:
+            return False
+        t = t.inputs[0].inputs[0]
+    return False
+
+
+def _cut(node: gs.Node, ctx: Ctx, ids: np.ndarray) -> list[tuple[gs.Tensor, np.ndarray]] | None:
+    """Apply a Slice/Split/Gather reading ``ids`` (its first input) to ``ids``: the map of each output, or ``None``
+    if the node is not such a cut (it reads its input whole)."""
+    if node.op == "Slice":
+        slices = _slice_bounds(node, ctx)
+        return None if slices is None else [(node.outputs[0], ids[tuple(slices)])]
+    if node.op == "Gather":
+        indices = ctx.value(node.inputs[1])
+        if indices is None:
+            return None
+        axis = int(node.attrs.get("axis", 0)) % ids.ndim
+        return [(node.outputs[0], np.take(ids, np.asarray(indices, dtype=np.int64), axis=axis))]
+    if node.op == "Split":
+        axis = int(node.attrs.get("axis", 0)) % ids.ndim
+        out, start = [], 0
+        for o in node.outputs:
+            oshape = ctx.shape(o)
+            if oshape is None:
+                return None
+            sl = [slice(None)] * ids.ndim
+            sl[axis] = slice(start, start + oshape[axis])
+            start += oshape[axis]
+            if o.name:
+                out.append((o, ids[tuple(sl)]))
+        return out
+    return None
+
+
+def _first(ids: np.ndarray, ax: int) -> np.ndarray:
+    return ids[(slice(None),) * ax + (slice(0, 1),)]
+
+
+def _varies(ids: np.ndarray, ax: int) -> bool:
+    """Whether the columns held by ``ids`` differ along axis ``ax``."""
+    return ids.shape[ax] > 1 and ids.strides[ax] != 0 and not (ids == _first(ids, ax)).all()
+
+
+def _core(ids: np.ndarray) -> np.ndarray:
+    """``ids`` with every axis but the last along which the columns do not vary cut to size 1."""
+    for ax in range(ids.ndim - 1):
+        if not _varies(ids, ax):
+            ids = _first(ids, ax)
+    return np.ascontiguousarray(ids)
+
+
+_SHAPE_READS = frozenset({"Shape", "Size"})
+_PART_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+_LAYOUT_OPS = RESHAPE_OPS | {"Transpose"}
+_MAX_IDS = 1 << 25  # elements of a column map worth computing (the probe's shapes are small)
+
+
+@dataclass
+class FusedView:
+    """A tensor seen as the output of a constant-weight MatMul/Gemm: ``ids`` (the tensor's shape, possibly a
+    broadcast view) holds at every element the MatMul output column it comes from; ``consts`` are the constant axes
+    indexed by those columns (the weight's N axis, biases and scales applied before any reshape)."""
+
+    consts: list[tuple[str, int]]
+    ids: np.ndarray
+    n: int
+
+
+def fused_view(ctx: Ctx, t: gs.Tensor, cut_axes: list[int]) -> tuple[FusedView | None, str]:
+    """``t``'s :class:`FusedView` if ``t`` comes from a constant-weight MatMul/Gemm through ops that move whole
+    elements or act per column, each on the way read by nothing else, and its columns differ along one of
+    ``cut_axes``; else ``None`` and why not (see the module docstring)."""
+    way: list[gs.Node] = []  # from t back to the MatMul
+    consts: list[tuple[str, int]] = []
+    cur = t
+    for _ in range(32):
+        if cur.name in ctx.graph_outputs:
+            return None, f"{cur.name} is a graph output"
+        if len(cur.inputs) != 1:
+            return None, f"{cur.name} is not computed by a MatMul with a constant weight"
+        if cur is not t:
+            others = [r for r in cur.outputs if r is not way[-1] and r.op not in _SHAPE_READS]
+            if others:
+                return None, f"{cur.name} is also read by {others[0].op} {others[0].name}"
+        p = cur.inputs[0]
+        chain = ctx.chains.get(p.name)
+        if chain is not None and p.outputs[0] is cur:
+            break
+        acts = [i for i in p.inputs if i.name and const_of(i) is None]
+        if (p.op in UNARY_OPS or p.op in _LAYOUT_OPS) and acts and acts[0] is p.inputs[0] and len(p.outputs) == 1:
+            if p.op in _LAYOUT_OPS and consts:
+                return None, f"{p.op} {p.name} moves columns a bias or scale after it has already been applied to"
+        elif p.op in _PART_BINARY and len(acts) == 1 and len(p.inputs) == 2:
+            ref = const_of(next(i for i in p.inputs if i is not acts[0]))
+            n = _last(ctx.shape(acts[0]))
+            if ref is None or ctx.shape(p.outputs[0]) != ctx.shape(acts[0]):
+                return None, f"{p.op} {p.name} is not a per-column constant"
+            if not _invariant(ref.shape):
+                if ref.shape[-1] != n:
+                    return None, f"{p.op} {p.name} broadcasts along the channel axis"
+                if not _read_once(next(i for i in p.inputs if i is not acts[0])):
+                    return None, f"{p.op} {p.name}'s constant {ref.name} is shared with other nodes"
+                consts.append((ref.name, len(ref.shape) - 1))
+        else:
+            return None, (f"{cur.name} is computed by {p.op} {p.name}, not by a constant-weight MatMul (through "
+                          "element-moving or per-column ops)")
+        way.append(p)
+        cur = acts[0]
+    else:
+        return None, "too long a way to the MatMul"
+    n = chain.const.shape[chain.n_axis]
+    shape0 = ctx.shape(cur)
+    if shape0 is None or shape0[-1] != n:
+        return None, f"{p.op} {p.name}'s output does not hold its {n} columns last"
+    if not _read_once(p.inputs[1]):
+        return None, f"{p.op} {p.name}'s weight {chain.const.name} is shared with other nodes"
+    consts.insert(0, (chain.const.name, chain.n_axis))
+    if p.op == "Gemm" and len(p.inputs) > 2 and p.inputs[2].name:
+        ref = const_of(p.inputs[2])
+        if ref is None or (not _invariant(ref.shape) and (ref.shape[-1] != n or int(np.prod(ref.shape)) != n)):
+            return None, f"Gemm {p.name} has a bias that is not a constant row"
+        if not _invariant(ref.shape):
+            if not _read_once(p.inputs[2]):
+                return None, f"Gemm {p.name}'s bias {ref.name} is shared with other nodes"
+            consts.insert(1, (ref.name, len(ref.shape) - 1))
+    if any(ctx.shape(q.outputs[0]) is None for q in way):
+        return None, "a tensor on the way to the MatMul has no known shape"
+    if any(q.op in RESHAPE_OPS for q in way) and int(np.prod(shape0)) > _MAX_IDS:
+        return None, f"{cur.name} is too large to follow its columns through reshapes"
+    ids = np.broadcast_to(np.arange(n, dtype=np.int64), shape0)
+    for q in reversed(way):
+        if q.op in RESHAPE_OPS:
+            ids = ids.reshape(ctx.shape(q.outputs[0]))
+        elif q.op == "Transpose":
+            ids = ids.transpose(list(q.attrs.get("perm", range(ids.ndim)[::-1])))
+    if not any(_varies(ids, ax) for ax in cut_axes):
+        return None, f"the cut does not separate {p.op} {p.name}'s columns"
+    return FusedView(consts, ids, n), ""
+
+
+def rule_part_cut(b: _Builder, t: gs.Tensor, view: FusedView) -> NodeRule:
+    """A cut of a fused projection's output ``t`` into parts: each output of this node reads the part of the
+    constants in ``view`` that the cut selects (see the module docstring); ``t`` itself is cut apart, so it blocks."""
+    ctx = b.ctx
+    owner = np.full(view.n, -1, dtype=np.int64)  # column -> index of the part that reads it
+    parts: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    mine: list[tuple[gs.Tensor, tuple[int, ...], tuple[int, ...]]] = []
+    for reader in t.outputs:
+        if reader.op in _SHAPE_READS:
+            continue
+        cuts = _cut(reader, ctx, view.ids) if reader.inputs and reader.inputs[0] is t else None
+        if cuts is None:
+            return b.block_all(f"{b.node.op} of a fused projection's output that is also read whole by {reader.op} "
+                               f"{reader.name}")
+        for y, ids in cuts:
+            core = _core(ids)
+            key = (core.shape, tuple(core.ravel().tolist()))
+            if len(set(key[1])) != core.size:
+                return b.block_all(f"{b.node.op}: {reader.op} {reader.name} reads a fused column twice")
+            if key not in parts:
+                parts[key] = len(parts)
+                if (owner[core.ravel()] >= 0).any():
+                    return b.block_all(f"{b.node.op}: {reader.op} {reader.name} cuts a part that overlaps another")
+                owner[core.ravel()] = parts[key]
+            if reader is b.node:
+                mine.append((y, *key))
+    for y, shape, positions in mine:
+        for const, axis in view.consts:
+            b.rule.links.append(Link("bcast", [ConstPart(const, axis, shape, positions)], ctx.item(y), [shape],
+                                     ctx.shape(y)))
+    b.rule.blocked[ctx.item(t)] = f"{b.node.op} cuts it into parts (each folds into its columns of the projection)"
+    b.neutral(*b.ins[1:])
+    return b.rule
+
+
+def rule_slice(b: _Builder) -> NodeRule:
+    slices = _slice_bounds(b.node, b.ctx)
+    if slices is None:
+        return b.block_all("Slice with bounds of unknown value")
+    axes = _sliced_axes(slices, b.ctx.shape(b.ins[0]))
+    rank = len(slices)
+    if axes:
+        view, why = fused_view(b.ctx, b.ins[0], axes)
+        if view is not None:
+            return rule_part_cut(b, b.ins[0], view)
+        if rank - 1 in axes:
+            return b.block_all(f"Slice along the channel axis ({why})")
+    b.neutral(*[t for t in b.node.inputs[1:] if t.name])
+    slices[-1] = slice(None)
     b.link("slice", [b.ins[0]], b.outs[0], slices=tuple(slices))
     return b.rule
 
@@ -326,8 +550,13 @@ def rule_slice(b: _Builder) -> NodeRule:
 def rule_split(b: _Builder) -> NodeRule:
     rank = len(b.ctx.shape(b.ins[0]))
     axis = int(b.node.attrs.get("axis", 0)) % rank
+    if any(b.ctx.shape(o) is None for o in b.node.outputs if o.name):
+        return b.block_all("Split into parts of unknown size")
+    view, why = fused_view(b.ctx, b.ins[0], [axis])
+    if view is not None:
+        return rule_part_cut(b, b.ins[0], view)
     if axis == rank - 1:
-        return b.block_all("Split along the channel axis")
+        return b.block_all(f"Split along the channel axis ({why})")
     b.neutral(*b.ins[1:])
     start = 0
     for o in b.outs:
