@@ -92,7 +92,8 @@ def inspect_model(path: str | os.PathLike[str], config: InspectConfig | None = N
         {
             "id": c.id, "block": c.block, "k": c.k, "siblings": c.siblings, "groups": dict(c.groups),
             "foldable": c.foldable, "status": c.describe(), "boundaries": [b.reason for b in c.boundaries],
-            "members": [{"constant": mb.const, "axis": mb.axis, "role": mb.role} for mb in c.members],
+            "members": [{"constant": mb.const, "axis": mb.axis, "role": mb.role,
+                         **({"part": _ranges(mb.part)} if mb.part is not None else {})} for mb in c.members],
         }
         for c in plan.closures
     ]
@@ -204,3 +205,17 @@ def explain_text(st: dict[str, Any]) -> str:
 
 
 __all__ = ["InspectConfig", "InspectResult", "inspect_model", "replace"]
+
+
+def _ranges(channels) -> list[list[int]]:
+    """A fused projection part's channels as ``[start, stop)`` runs (the columns of the fused weight it holds)."""
+    import numpy as np
+
+    idx = np.asarray(channels, dtype=np.int64).ravel()
+    runs: list[list[int]] = []
+    for i in idx.tolist():
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs

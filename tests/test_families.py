@@ -300,3 +300,15 @@ def test_export_verb_offers_every_family(tmp_path):
 
     model = onnx.load(str(out))
     assert sum(n.op_type == "MatMul" for n in model.graph.node) >= 14  # 2 layers x 7 projections (+ lm_head)
+
+
+def test_inspect_names_the_columns_of_each_fused_part(family_model):
+    """``inspect --json`` lists which columns of the fused weight each part holds (Phi-3: V is the last 32 of the
+    128 qkv columns, gate and up the two halves of gate_up)."""
+    import permsparse
+
+    info = permsparse.inspect(family_model("phi3", "legacy"))
+    runs = [m["part"] for c in info.closures for m in c["members"] if "part" in m]
+    assert len(runs) == 3 * LAYERS and all(len(r) == 1 for r in runs)  # one contiguous column range each
+    widths = sorted(r[0][1] - r[0][0] for r in runs)
+    assert widths == [32] * LAYERS + [128] * (2 * LAYERS)
