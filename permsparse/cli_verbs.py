@@ -120,9 +120,23 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
                               "may be incomplete") from None
         lines.append(f"report: {path}")
         data["report"] = str(path)
+    if result.recovery is None and not args.no_mask and _text_model(args.model):
+        lines.append(f"recovery is off: add --recover-steps 120 (or run `permsparse recover {args.output} --teacher "
+                     f"{args.model} -o OUT.onnx`) to train the kept weights against the dense model with the masks "
+                     "frozen (SmolLM2-135M: 3.5x -> 2.1x dense perplexity out of domain; README, Recovery)")
     lines.append(f"wrote {args.output} ({'dense, permuted' if args.no_mask else f'{cfg.pattern} sparse'}) "
                  f"in {result.timings['total']:.1f} s")
     return Outcome("\n".join(lines), data)
+
+
+def _text_model(path) -> bool:
+    """Whether recovery applies to the model at ``path`` (text decoders and encoders)."""
+    from permsparse.data.kinds import model_file, model_kind
+
+    try:
+        return model_kind(model_file(path)) in ("lm", "text")
+    except Exception:  # noqa: BLE001  (a hint only: never fail the command for it)
+        return False
 
 
 def _recover_config(args: argparse.Namespace):

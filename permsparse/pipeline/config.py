@@ -222,7 +222,8 @@ class ModelFacts:
     read.model_facts`).
 
     Attributes:
-        kind: ``text`` (token ids) or ``image`` inputs; None when neither (``kind_error`` says why).
+        kind: ``text`` (encoder), ``lm`` (decoder) or ``image`` (:func:`permsparse.data.kinds.model_kind`); None
+            when the inputs are neither token ids nor images (``kind_error`` says why).
         has_blocks: Transformer blocks were found (None: not looked for, the run is not block-wise).
         missing_ops: ops of the graph the torch evaluator lacks (block-wise steps run blocks in PyTorch).
     """
