@@ -17,8 +17,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from permsparse.cli import main
+from permsparse.errors import UsageError
 from permsparse.pattern import check_nm, nm_keep_mask
 from permsparse.recover import RecoverConfig, recover
+from permsparse.recover.config import DEFAULT_LR, default_lr
 from permsparse.recover.train import MaskedAdamW, StudentWeights, lr_factor
 from permsparse.recover.write import graph_signature
 
@@ -105,6 +107,15 @@ def test_kept_entry_adamw_equals_dense_adamw_with_masked_gradients(tmp_path):
         assert bool(torch.all(new[~mask] == 0))
 
 
+def test_default_learning_rate_by_model_kind():
+    assert RecoverConfig().resolved().lr is None  # filled by recover once the model's kind is known
+    assert RecoverConfig(lr=3e-4).resolved().lr == 3e-4
+    assert default_lr("lm", "all") == DEFAULT_LR["decoder"]["all"]
+    assert default_lr("text", "all") == DEFAULT_LR["encoder"]["all"]
+    with pytest.raises(UsageError, match="lr"):
+        RecoverConfig(lr=-1.0).resolved()
+
+
 def test_lr_schedule_warms_up_and_decays():
     assert lr_factor(0.0, 0.1) < lr_factor(0.05, 0.1) < lr_factor(0.1, 0.1) == pytest.approx(1.0)
     assert lr_factor(0.55, 0.1) == pytest.approx(0.5) and lr_factor(1.0, 0.1) == pytest.approx(0.0, abs=1e-9)
@@ -169,7 +180,12 @@ def test_tiny_recovery_matches_the_dense_masked_reference(tiny_pair, tmp_path):
     through the same loss on the same data, within float32 rounding."""
     from permsparse.blockwise.state import half_weights
     from permsparse.recover.data import recovery_data
-    from permsparse.recover.model import analyze_teacher, build_pieces, find_trainable, load_proto
+    from permsparse.recover.model import (
+        analyze_teacher,
+        build_pieces,
+        find_trainable,
+        load_proto,
+    )
     from permsparse.recover.train import Recovery
 
     dense, sparse = tiny_pair
@@ -245,6 +261,7 @@ def test_norms_only_trains_no_weight(tiny_pair, tmp_path):
     out = tmp_path / "norms.onnx"
     res = recover(sparse, dense, out, RecoverConfig(steps=2, params="norms", progress=False))
     assert res.masked_weights == 0 and res.trained_tensors > 0
+    assert res.lr == default_lr("lm", "norms")  # the decoders' default for norms (the model's kind decides)
     wa = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(sparse)).graph.initializer}
     wb = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     assert all(np.array_equal(wa[k], wb[k]) for k in wa if wa[k].ndim == 2)

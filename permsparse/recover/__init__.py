@@ -30,7 +30,7 @@ import resource
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from permsparse.recover.config import RecoverConfig
@@ -144,6 +144,10 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
         )
     device = resolve_device(cfg.device)
     data = recovery_data(src, cfg)  # refuses empty --calib before any heavy work
+    if cfg.lr is None:
+        from permsparse.recover.config import default_lr
+
+        cfg = replace(cfg, lr=default_lr(data.kind, cfg.params))
     plan, bp = analyze_teacher(teacher_path)
     _trim()
     # the teacher: constants converted, then its proto dropped
