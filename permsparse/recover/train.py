@@ -8,8 +8,7 @@ minimizes
   the rest (exact KL of that coarsening), plus ``hidden_weight`` × the SquareHead term (mean over blocks of
   ‖h_s − h_t‖² / ‖h_t‖²);
 - encoders: ‖y_s − y_t‖² / ‖y_t‖² of every float output plus (1 − cosine) of the mean-pooled first output, plus the
-  same per-block term; every token-wise term counts only the real tokens (``attention_mask``): padding positions,
-  which mean pooling ignores, would otherwise be most of the loss on short texts.
+  same per-block term.
 
 AdamW with linear warm-up and cosine decay over the run (steps, or the wall-clock budget). A masked weight is
 trained as the vector of its kept entries (:class:`StudentWeights`): each piece's run rebuilds the dense weight by
@@ -205,14 +204,6 @@ def _topk_kl(logp: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tenso
     return kl + tail_t * (tail_t.log() - tail_s.log())
 
 
-def _relative_error(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """‖y − t‖² / ‖t‖², over the real tokens when ``mask`` ([batch, tokens]) matches ``y``'s leading axes."""
-    if mask is None or y.dim() < 2 or tuple(y.shape[:2]) != tuple(mask.shape):
-        return ((y - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12)
-    w = mask.to(y.dtype).reshape(*mask.shape, *([1] * (y.dim() - 2)))
-    return ((y - t) ** 2 * w).sum() / ((t**2) * w).sum().clamp(min=1e-12)
-
-
 def _pool(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None or h.dim() != 3:
         return h.mean(dim=1) if h.dim() == 3 else h
@@ -274,12 +265,12 @@ class Recovery:
         outs, hidden = run_pieces(self.student, tfeed, self.weights, checkpoint=True)
         self.student.release()
         ht = target["hidden"].to(self.device, torch.float32)
-        mask = None if self.decoder else tfeed.get("attention_mask")
-        block = sum(_relative_error(h.float(), t, mask) for h, t in zip(hidden, ht))
+        block = sum(((h.float() - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12) for h, t in zip(hidden, ht))
         block = block / max(1, len(hidden))
         if self.decoder:
             main = _topk_kl(torch.log_softmax(outs[self.logits].float(), dim=-1), target).mean()
         else:
+            mask = tfeed.get("attention_mask")
             main = 0.0
             first = True
             for k, v in outs.items():
@@ -287,7 +278,7 @@ class Recovery:
                 if t is None:
                     continue
                 t = t.to(self.device)
-                main = main + _relative_error(v.float(), t, mask)
+                main = main + ((v.float() - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12)
                 if first:
                     main = main + (1.0 - F.cosine_similarity(_pool(v.float(), mask), _pool(t, mask), dim=-1)).mean()
                     first = False
