@@ -15,7 +15,7 @@ the model's own dtype (:mod:`.write`).
 Memory: the models are loaded one at a time — the teacher's analysis, then the teacher's constants (the proto is
 dropped once they are converted), then the student's — and freed memory is handed back to the system between the
 phases; a masked weight is held as its kept entries only (values, gradient and AdamW moments). A SmolLM2-135M
-recovery peaks at about 3 GB (``bench/results/recovery-smollm2.md``).
+recovery peaks at 3.3 GB RSS (``bench/results/recovery-smollm2.md``).
 
 Invariant: the output has the student's graph (same nodes, initializer names, shapes and types), every pruned weight
 is N:M with the student's mask, and its held-out score is no worse than the student's (otherwise the student's
