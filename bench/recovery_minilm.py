@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--params", default="all")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--hidden-weight", type=float, default=None, help="weight of the per-block term (default 1)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (with --minutes: whichever ends first)")
     ap.add_argument("--out", type=Path, default=Path("out/recovery/minilm.onnx"))
     args = ap.parse_args()
     from permsparse.recover import RecoverConfig, recover
@@ -41,9 +43,11 @@ def main() -> None:
     print(json.dumps({"row": "one-shot defaults (input)", **cos(args.sparse)}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    res = recover(args.sparse, args.dense, args.out, RecoverConfig(minutes=args.minutes, params=args.params,
-                                                                   lr=args.lr, progress=False))
-    print(json.dumps({"row": f"recovery {args.params} {args.minutes} min", "wall_s": time.perf_counter() - t0,
+    res = recover(args.sparse, args.dense, args.out, RecoverConfig(minutes=args.minutes, steps=args.steps,
+                                                                   params=args.params, lr=args.lr,
+                                                                   hidden_weight=args.hidden_weight, progress=False))
+    print(json.dumps({"row": f"recovery {args.params} {args.minutes} min",
+                      "lr": res.lr, "hidden_weight": args.hidden_weight, "wall_s": time.perf_counter() - t0,
                       "steps": res.steps, "tokens": res.tokens, "improved": res.improved,
                       "stop_cos_before": res.heldout_before, "stop_cos_best": res.heldout_best,
                       "peak_rss_mb": res.peak_rss_mb, "curve": res.curve, **cos(args.out)}), flush=True)

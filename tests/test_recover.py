@@ -17,9 +17,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from permsparse.cli import main
+from permsparse.errors import UsageError
 from permsparse.pattern import check_nm, nm_keep_mask
 from permsparse.recover import RecoverConfig, recover
-from permsparse.recover.train import MaskedAdamW, lr_factor
+from permsparse.recover.config import DEFAULT_LR, default_lr
+from permsparse.recover.train import MaskedAdamW, StudentWeights, lr_factor
 from permsparse.recover.write import graph_signature
 
 FAST = ["--method", "identity", "--reconstruct", "none", "-q"]
@@ -54,19 +56,64 @@ def test_masked_step_keeps_nm_and_matches_plain_torch_gradients(tmp_path):
     prog = GraphProgram.from_model(_mm_model(tmp_path / "mm.onnx", w))
     x = torch.as_tensor(rng.standard_normal((5, 16)).astype(np.float32))
     t = torch.as_tensor(rng.standard_normal((5, 8)).astype(np.float32))
-    p = torch.tensor(w, requires_grad=True)
-    ((prog.run({"x": x}, overrides={"w": p})["y"] - t) ** 2).mean().backward()
+    weights = StudentWeights({"w": torch.tensor(w[keep], requires_grad=True)}, {"w": torch.as_tensor(keep)})
+    assert weights.values["w"].numel() == w.size // 2  # only the kept entries are stored
+    ((prog.run({"x": x}, overrides=weights.materialize(["w"]))["y"] - t) ** 2).mean().backward()
     plain = torch.nn.Linear(16, 8, bias=False)
     with torch.no_grad():
         plain.weight.copy_(torch.as_tensor(w).T)
     ((plain(x) - t) ** 2).mean().backward()
-    np.testing.assert_allclose(p.grad.numpy()[keep], plain.weight.grad.T.numpy()[keep], rtol=1e-5, atol=1e-7)
-    assert np.abs(p.grad.numpy()[~keep]).max() > 0  # the raw gradient of pruned entries is not zero ...
-    opt = MaskedAdamW({"w": p}, {"w": torch.as_tensor(keep, dtype=torch.float32)}, lr=1e-2, weight_decay=0.01)
+    assert np.abs(plain.weight.grad.T.numpy()[~keep]).max() > 0  # the dense gradient of pruned entries is not zero
+    np.testing.assert_allclose(weights.values["w"].grad.numpy(), plain.weight.grad.T.numpy()[keep], rtol=1e-5,
+                               atol=1e-7)
+    opt = MaskedAdamW(weights, lr=1e-2, weight_decay=0.01)
     opt.step(1.0)
-    after = p.detach().numpy()
-    assert np.all(after[~keep] == 0) and check_nm(after, 0, 2, 4)  # ... but the step leaves them exactly zero
+    after = weights.dense("w").detach().numpy()
+    assert np.all(after[~keep] == 0) and check_nm(after, 0, 2, 4)  # the step leaves pruned entries exactly zero
     assert np.all(after[keep] != w[keep])
+
+
+def test_kept_entry_adamw_equals_dense_adamw_with_masked_gradients(tmp_path):
+    """The kept-entries storage computes what AdamW on the dense weight with masked gradients and re-masking (the
+    earlier dense implementation) computes, step after step, with weight decay and a changing learning rate."""
+    from permsparse.torchgraph import GraphProgram
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((32, 12)).astype(np.float32)
+    keep = nm_keep_mask(np.abs(w), 2, 4)
+    w = np.where(keep, w, 0).astype(np.float32)
+    prog = GraphProgram.from_model(_mm_model(tmp_path / "mm.onnx", w))
+    dense = torch.tensor(w, requires_grad=True)
+    ref = torch.optim.AdamW([dense], lr=3e-2, weight_decay=0.1)
+    weights = StudentWeights({"w": torch.tensor(w[keep], requires_grad=True)}, {"w": torch.as_tensor(keep)})
+    opt = MaskedAdamW(weights, lr=3e-2, weight_decay=0.1)
+    mask = torch.as_tensor(keep)
+    for step, factor in enumerate((0.2, 1.0, 0.7, 0.3, 0.05)):
+        x = torch.as_tensor(rng.standard_normal((6, 32)).astype(np.float32))
+        t = torch.as_tensor(rng.standard_normal((6, 12)).astype(np.float32))
+        ((prog.run({"x": x}, overrides={"w": dense})["y"] - t) ** 2).mean().backward()
+        with torch.no_grad():
+            dense.grad.mul_(mask)
+        for g in ref.param_groups:
+            g["lr"] = 3e-2 * factor
+        ref.step()
+        ref.zero_grad()
+        with torch.no_grad():
+            dense.mul_(mask)
+        ((prog.run({"x": x}, overrides=weights.materialize(["w"]))["y"] - t) ** 2).mean().backward()
+        opt.step(factor)
+        new = weights.dense("w").detach()
+        torch.testing.assert_close(new, dense.detach(), rtol=1e-6, atol=1e-7, msg=f"step {step}")
+        assert bool(torch.all(new[~mask] == 0))
+
+
+def test_default_learning_rate_by_model_kind():
+    assert RecoverConfig().resolved().lr is None  # filled by recover once the model's kind is known
+    assert RecoverConfig(lr=3e-4).resolved().lr == 3e-4
+    assert default_lr("lm", "all") == DEFAULT_LR["decoder"]["all"]
+    assert default_lr("text", "all") == DEFAULT_LR["encoder"]["all"]
+    with pytest.raises(UsageError, match="lr"):
+        RecoverConfig(lr=-1.0).resolved()
 
 
 def test_lr_schedule_warms_up_and_decays():
@@ -90,14 +137,91 @@ def test_checkpointed_whole_model_gradients_equal_plain_run(tiny_pair):
     assert tr.masked and tr.free  # pruned weights and RMSNorm scales
     grads = []
     for ckpt in (True, False):
-        tensors = {k: torch.tensor(v[0], requires_grad=True) for k, v in tr.masked.items()}
-        pieces = build_pieces(student, sparse.parent, bp, upcast=False, device=torch.device("cpu"), tensors=tensors)
+        weights = StudentWeights({k: torch.tensor(v[0], requires_grad=True) for k, v in tr.masked.items()},
+                                 {k: torch.as_tensor(v[1]) for k, v in tr.masked.items()})
+        pieces = build_pieces(student, sparse.parent, bp, upcast=False, device=torch.device("cpu"),
+                              shapes=weights.shapes)
         ids = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (2, 16)))
-        outs, hidden = run_pieces(pieces, {"input_ids": ids}, tensors, checkpoint=ckpt)
+        outs, hidden = run_pieces(pieces, {"input_ids": ids}, weights, checkpoint=ckpt)
         (outs[pieces.graph_outputs[0]].square().mean() + sum(h.square().mean() for h in hidden)).backward()
-        grads.append({k: t.grad.clone() for k, t in tensors.items()})
+        grads.append({k: t.grad.clone() for k, t in weights.values.items()})
+        # a run without the student's weights reads the NaN placeholders: never a silently wrong number
+        with torch.no_grad():
+            plain, _ = run_pieces(pieces, {"input_ids": ids}, {}, checkpoint=False)
+        assert torch.isnan(plain[pieces.graph_outputs[0]]).all()
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
+
+
+class _DenseMaskedAdamW:
+    """The earlier optimizer, for reference: AdamW on dense weights, gradients masked before and weights re-masked
+    after each step."""
+
+    def __init__(self, tensors, masks, lr, weight_decay):
+        self.tensors, self.masks = tensors, masks
+        self.opt = torch.optim.AdamW(list(tensors.values()), lr=lr, weight_decay=weight_decay)
+        self.base_lr = lr
+
+    def step(self, factor):
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                self.tensors[name].grad.mul_(mask)
+            for group in self.opt.param_groups:
+                group["lr"] = self.base_lr * factor
+            self.opt.step()
+            for name, mask in self.masks.items():
+                self.tensors[name].mul_(mask)
+        self.opt.zero_grad(set_to_none=True)
+
+
+def test_tiny_recovery_matches_the_dense_masked_reference(tiny_pair, tmp_path):
+    """Numerics unchanged by the memory work: recovery with kept-entry weights gives the loss curve, held-out scores
+    and weights of the earlier dense algorithm (dense fp32 weights in the programs, masked AdamW, re-mask), run here
+    through the same loss on the same data, within float32 rounding."""
+    from permsparse.pipeline.blockwise.state import half_weights
+    from permsparse.recover.data import recovery_data
+    from permsparse.recover.model import (
+        analyze_teacher,
+        build_pieces,
+        find_trainable,
+        load_proto,
+    )
+    from permsparse.recover.train import Recovery
+
+    dense, sparse = tiny_pair
+    cfg = RecoverConfig(steps=5, lr=2e-3, progress=False, eval_every=1, weight_decay=0.01)
+    res = recover(sparse, dense, tmp_path / "new.onnx", cfg)
+    cpu = torch.device("cpu")
+    plan, bp = analyze_teacher(dense)
+    teacher, student = load_proto(dense), load_proto(sparse)
+    t_pieces = build_pieces(teacher, dense.parent, bp, upcast=half_weights(teacher), device=cpu)
+    tr = find_trainable(student, sparse.parent, plan, 2, 4, "all")
+    tensors = {}
+    for k, (kept, keep, _) in tr.masked.items():
+        full = np.zeros(keep.shape, np.float32)
+        full[keep] = kept
+        tensors[k] = torch.tensor(full, requires_grad=True)
+    tensors.update({k: torch.tensor(v, requires_grad=True) for k, v in tr.free.items()})
+    s_pieces = build_pieces(student, sparse.parent, bp, upcast=False, device=cpu, tensors=tensors)
+    r = cfg.resolved()
+    (tmp_path / "work").mkdir()
+    rec = Recovery(s_pieces, t_pieces, tr, StudentWeights(tensors), recovery_data(sparse, r), r, cpu,
+                   tmp_path / "work", "ref", "input_ids")
+    rec.opt = _DenseMaskedAdamW(tensors, {k: torch.as_tensor(v[1]) for k, v in tr.masked.items()}, r.lr,
+                                r.weight_decay)
+    ref = rec.run()
+    assert [p["step"] for p in res.curve] == [p.step for p in ref.curve] == list(range(6))
+    for a, b in zip(res.curve[1:], ref.curve[1:]):
+        assert a["loss"] == pytest.approx(b.loss, rel=1e-5)
+    for a, b in zip(res.curve, ref.curve):
+        assert a["score"] == pytest.approx(b.score, rel=1e-5)
+    assert res.curve[-1]["score"] < res.curve[0]["score"]  # it trained
+    assert res.best_step == ref.best_step > 0
+    wb = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "new.onnx")).graph.initializer}
+    for k, v in ref.values.items():
+        np.testing.assert_allclose(wb[k], v, rtol=1e-5, atol=1e-6)
+        if k in tr.masked:
+            assert np.all(wb[k][~tr.masked[k][1]] == 0) and check_nm(wb[k], tr.masked[k][2], 2, 4)
 
 
 def test_tiny_recovery_lowers_heldout_loss_and_keeps_the_graph(tiny_pair, tmp_path):
@@ -137,6 +261,7 @@ def test_norms_only_trains_no_weight(tiny_pair, tmp_path):
     out = tmp_path / "norms.onnx"
     res = recover(sparse, dense, out, RecoverConfig(steps=2, params="norms", progress=False))
     assert res.masked_weights == 0 and res.trained_tensors > 0
+    assert res.lr == default_lr("lm", "norms")  # the decoders' default for norms (the model's kind decides)
     wa = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(sparse)).graph.initializer}
     wb = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     assert all(np.array_equal(wa[k], wb[k]) for k in wa if wa[k].ndim == 2)
@@ -244,3 +369,22 @@ def test_optimize_recover_steps_records_the_recovery(exported, tmp_path, capsys)
     sparse = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("onnx::MatMul")]
     assert sparse and all(check_nm(w, 0, 2, 4) for w in sparse if (w == 0).mean() >= 0.5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".permsparse")]
+
+
+def test_tokenizer_falls_back_to_the_teacher_folder(tiny_pair, monkeypatch):
+    """A student without a tokenizer beside it (e.g. written by an earlier recovery into another folder) trains on
+    the teacher's tokenizer, not on byte ids: the data step asks the teacher's folder next."""
+    import permsparse.data.text as text
+    from permsparse.recover import data as rdata
+
+    dense, sparse = tiny_pair
+    asked: list[Path] = []
+
+    def find(path):
+        asked.append(Path(path))
+        return None  # the tiny models have no tokenizer anywhere: byte ids, as before
+
+    monkeypatch.setattr(text, "find_tokenizer", find)
+    r = RecoverConfig(steps=1).resolved()
+    data = rdata.recovery_data(sparse, r, dense)
+    assert asked == [sparse, dense] and not data.real_tokens

@@ -12,6 +12,11 @@ MatMuls (masked), biases and norm parameters — or only the biases and norms (`
 with AdamW against the teacher (:mod:`.train`); the best held-out weights are written back into the same graph in
 the model's own dtype (:mod:`.write`).
 
+Memory: the models are loaded one at a time — the teacher's analysis, then the teacher's constants (the proto is
+dropped once they are converted), then the student's — and freed memory is handed back to the system between the
+phases; a masked weight is held as its kept entries only (values, gradient and AdamW moments). A SmolLM2-135M
+recovery peaks at 3.3 GB RSS (``bench/results/recovery-smollm2.md``).
+
 Invariant: the output has the student's graph (same nodes, initializer names, shapes and types), every pruned weight
 is N:M with the student's mask, and its held-out score is no worse than the student's (otherwise the student's
 values are written).
@@ -25,7 +30,7 @@ import resource
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from permsparse.recover.config import RecoverConfig
@@ -76,11 +81,23 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _trim() -> None:
+    """Collect garbage and hand freed heap memory back to the system (glibc keeps it otherwise: a freed proto or a
+    finished analysis would still count in the process's resident memory)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back explicitly
+        pass
+
+
 def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], output: str | os.PathLike[str],
             config: RecoverConfig | None = None) -> RecoverResult:
     """Distil ``sparse`` (the student) from ``dense`` (its teacher) and write ``output`` (see the module doc)."""
     import numpy as np
-    import torch
 
     from permsparse.pipeline.blockwise.state import half_weights
     from permsparse.errors import PermsparseError
@@ -95,6 +112,7 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     )
     from permsparse.recover.train import (
         Recovery,
+        StudentWeights,
         fingerprint,
         resolve_device,
         run_pieces,
@@ -103,35 +121,57 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
 
     cfg = (config or RecoverConfig()).resolved()
     src, teacher_path, dst = Path(sparse), Path(dense), Path(output)
+    from permsparse.data.kinds import ids_spec, model_inputs
+
+    # checks first, one model at a time (a model with embedded weights is read whole)
     student = load_proto(src)
+    files = model_files(src, student)
+    s_io = ([i.name for i in student.graph.input], [o.name for o in student.graph.output])
+    n, m = _pattern(student)
+    spec = ids_spec(model_inputs(student))
+    ids_name = spec.name if spec is not None else None
+    del student
     teacher = load_proto(teacher_path)
-    check_output(dst, frozenset(model_files(src, student) | model_files(teacher_path, teacher)))
-    if [i.name for i in student.graph.input] != [i.name for i in teacher.graph.input] or \
-            [o.name for o in student.graph.output] != [o.name for o in teacher.graph.output]:
+    files |= model_files(teacher_path, teacher)
+    t_io = ([i.name for i in teacher.graph.input], [o.name for o in teacher.graph.output])
+    del teacher
+    _trim()
+    check_output(dst, frozenset(files))
+    if s_io != t_io:
         raise PermsparseError(
             f"the teacher {teacher_path} and the student {src} are not the same model (different graph inputs or "
             "outputs); give the dense model the student was made from"
         )
     device = resolve_device(cfg.device)
-    data = recovery_data(src, cfg)  # refuses empty --calib before any heavy work
-    n, m = _pattern(student)
-    plan, bp = analyze_teacher(teacher_path)
-    trainable = find_trainable(student, src.parent, plan, n, m, cfg.params)
-    # trained in place: on the CPU the tensors share memory with the values read from the student
-    tensors = {k: torch.from_numpy(v[0]).to(device).requires_grad_() for k, v in trainable.masked.items()}
-    tensors.update({k: torch.from_numpy(v).to(device).requires_grad_() for k, v in trainable.free.items()})
-    if not tensors:
-        raise PermsparseError("nothing to train: no masked weight, bias or norm parameter found in the student")
-    s_pieces = build_pieces(student, src.parent, bp, upcast=half_weights(student), device=device, tensors=tensors)
-    t_pieces = build_pieces(teacher, teacher_path.parent, bp, upcast=half_weights(teacher), device=device)
-    _check_same_model(s_pieces, t_pieces, data.stop[0], device, run_pieces)
-    from permsparse.data.kinds import ids_spec, model_inputs
+    data = recovery_data(src, cfg, teacher_path)  # refuses empty --calib before any heavy work
+    if cfg.lr is None:
+        from permsparse.recover.config import default_lr
 
-    spec = ids_spec(model_inputs(student))
-    ids_name = spec.name if spec is not None else None
-    del student, teacher  # the pieces keep what they need until every constant is cached (Pieces.release)
+        cfg = replace(cfg, lr=default_lr(data.kind, cfg.params))
+    plan, bp = analyze_teacher(teacher_path)
+    _trim()
+    # the teacher: constants converted, then its proto dropped
+    teacher = load_proto(teacher_path)
+    t_pieces = build_pieces(teacher, teacher_path.parent, bp, upcast=half_weights(teacher), device=device)
+    t_pieces.cache_and_release()
+    del teacher
+    _trim()
+    # the student: masked weights as their kept entries (trained in place, sharing memory on the CPU)
+    student = load_proto(src)
+    trainable = find_trainable(student, src.parent, plan, n, m, cfg.params)
+    weights = StudentWeights.from_trainable(trainable, device)
+    if not len(weights):
+        raise PermsparseError("nothing to train: no masked weight, bias or norm parameter found in the student")
+    s_pieces = build_pieces(student, src.parent, bp, upcast=half_weights(student), device=device,
+                            tensors={k: v for k, v in weights.values.items() if k not in weights.masks},
+                            shapes=weights.shapes)
+    s_pieces.cache_and_release()
+    del student, plan
+    _trim()
+    _check_same_model(s_pieces, t_pieces, weights, data.stop[0], device, run_pieces)
     fp = fingerprint(src.stat().st_size, src.stat().st_mtime_ns, teacher_path.stat().st_size, data.sha256,
-                     {k: v for k, v in vars(cfg).items() if k not in ("progress", "work_dir", "device")})
+                     {k: v for k, v in vars(cfg).items() if k not in ("progress", "work_dir", "device")},
+                     "kept-entries")  # checkpoints hold masked weights as their kept entries
     n_masked = len(trainable.masked)
     n_values = int(sum(int(np.asarray(v[1]).sum()) for v in trainable.masked.values())
                    + sum(v.size for v in trainable.free.values()))
@@ -139,9 +179,10 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     with work_dir(dst.parent, "recover") as tmp:
         work = Path(cfg.work_dir) if cfg.work_dir else tmp
         work.mkdir(parents=True, exist_ok=True)
-        rec = Recovery(s_pieces, t_pieces, trainable, tensors, data, cfg, device, work, fp, ids_name)
+        rec = Recovery(s_pieces, t_pieces, trainable, weights, data, cfg, device, work, fp, ids_name)
         result = rec.run()
-        del rec, s_pieces, t_pieces
+        del rec, s_pieces, t_pieces, weights  # optimizer state and both models' constants
+        _trim()
         improved = result.best_step > 0
         values = result.values if improved else {}  # not improved: the student's own values are written
         meta = {"teacher": teacher_path.name, "params": cfg.params, "steps": result.steps, "tokens": result.tokens,
@@ -151,7 +192,7 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     res = RecoverResult(
         dst, cfg.params, str(device), result.steps, result.tokens, time.perf_counter() - t0, metric,
         result.heldout_before, result.heldout_best if improved else result.heldout_before, result.best_step,
-        improved, len(tensors), n_values,
+        improved, len(trainable.masked) + len(trainable.free), n_values,
         n_masked, data.source, data.sha256, cfg.lr, result.resumed_from, _peak_rss_mb(),
         [p.__dict__ for p in result.curve])
     log.info("recovery: held-out %s %.4g -> %.4g in %d steps (%d tokens, %.0f s)", metric, res.heldout_before,
@@ -159,7 +200,7 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     return res
 
 
-def _check_same_model(student, teacher, feed, device, run_pieces) -> None:
+def _check_same_model(student, teacher, weights, feed, device, run_pieces) -> None:
     """The residual stream entering block 0 must agree (it holds no pruned weight): else not the same model."""
     import torch
 
@@ -171,7 +212,8 @@ def _check_same_model(student, teacher, feed, device, run_pieces) -> None:
     with torch.no_grad():
         tfeed = _to(feed, device)
         name = student.prefix.outputs[0]
-        a = student.prefix.program.run({k: tfeed[k] for k in student.prefix.inputs})[name].float()
+        a = student.prefix.program.run({k: tfeed[k] for k in student.prefix.inputs},
+                                        overrides=weights.materialize(student.prefix.params) or None)[name].float()
         b = teacher.prefix.program.run({k: tfeed[k] for k in teacher.prefix.inputs})[name].float()
     if a.shape != b.shape:
         raise PermsparseError("the teacher and the student are not the same model (different hidden sizes); give "

@@ -20,7 +20,8 @@ def add_recover_options(p: argparse.ArgumentParser, *, verb: bool) -> None:
     p.add_argument("--recover-params", choices=RECOVER_PARAMS, default=None,
                    help="all: kept weights + biases + norms (default); norms: only norms and biases (PERP)")
     p.add_argument("--recover-lr", type=float, default=None, metavar="LR",
-                   help="AdamW peak learning rate of recovery (default 5e-5 all, 1e-3 norms)")
+                   help="AdamW peak learning rate of recovery (default by model kind: 5e-5 all, 1e-3 norms; "
+                        "see permsparse.recover.config.DEFAULT_LR)")
     if verb:
         p.add_argument("--device", choices=DEVICES, default=None, help="torch device (default cpu)")
 

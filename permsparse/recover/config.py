@@ -16,7 +16,13 @@ DEFAULTS = dict(
     top_k=64, seed=0, progress=True, max_windows=4096,
 )
 DEFAULT_STEPS = 100  # when neither steps nor minutes is given
-DEFAULT_LR = {"all": 5e-5, "norms": 1e-3}  # AdamW peak learning rate per --recover-params
+#: AdamW peak learning rate per model kind and --recover-params (measured: bench/results/recovery-minilm.md)
+DEFAULT_LR = {"decoder": {"all": 5e-5, "norms": 1e-3}, "encoder": {"all": 5e-5, "norms": 1e-3}}
+
+
+def default_lr(kind: str, params: str) -> float:
+    """The default learning rate of a model of data kind ``kind`` ("lm": a decoder; else an encoder)."""
+    return DEFAULT_LR["decoder" if kind == "lm" else "encoder"][params]
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class RecoverConfig:
     steps: int | None = None  # optimizer steps (default 100 unless ``minutes`` is given)
     minutes: float | None = None  # wall-clock budget instead of (or capping) steps
     params: str | None = None  # "all": kept weights + biases + norms; "norms": only norms and biases (PERP)
-    lr: float | None = None  # AdamW peak learning rate (default 5e-5 for all, 1e-3 for norms)
+    lr: float | None = None  # AdamW peak learning rate (default: DEFAULT_LR by model kind and params)
     device: str | None = None  # cpu (default) | cuda | auto
     calib: str | None = None  # training text: a .txt / .jsonl / .json file or a folder of .txt (default: built-in)
     tokenizer: str | None = None  # the model's tokenizer folder (default: beside the model)
@@ -59,9 +65,9 @@ class RecoverConfig:
             raise UsageError(f"--recover-steps must be at least 1, got {values['steps']}")
         if values["minutes"] is not None and not float(values["minutes"]) > 0:
             raise UsageError(f"--recover-minutes must be positive, got {values['minutes']}")
-        if values["lr"] is None:
-            values["lr"] = DEFAULT_LR[values["params"]]
         for k in ("lr", "batch_size", "seq_len", "stop_samples", "top_k", "max_windows"):
+            if k == "lr" and values[k] is None:
+                continue  # filled by recover once the model's kind is known (default_lr)
             if not values[k] > 0:
                 raise UsageError(f"recover option {k} must be positive, got {values[k]}")
         if not 0 <= values["warmup"] < 1:
@@ -73,4 +79,4 @@ class RecoverConfig:
         return None if self.minutes is None else float(self.minutes) * 60.0
 
 
-__all__ = ["DEFAULTS", "DEVICES", "RECOVER_PARAMS", "RecoverConfig"]
+__all__ = ["DEFAULTS", "DEFAULT_LR", "DEVICES", "RECOVER_PARAMS", "RecoverConfig", "default_lr"]

@@ -89,8 +89,10 @@ def _feeds(model_path: Path, header, kind: str, texts: list[str], tokenizer, bat
     return text_feeds(header, texts[: samples if samples is not None else None], tokenizer, batch_size, seq_len)
 
 
-def recovery_data(model_path: Path, cfg) -> RecoveryData:
-    """Training and early-stopping batches for the model at ``model_path`` (see the module docstring)."""
+def recovery_data(model_path: Path, cfg, teacher_path: Path | None = None) -> RecoveryData:
+    """Training and early-stopping batches for the model at ``model_path`` (see the module docstring); the tokenizer
+    is ``cfg.tokenizer``, else the one beside the student, else the one beside the teacher (a student written to
+    another folder, e.g. by an earlier recovery, has none of its own)."""
     from permsparse.data.kinds import ids_spec, load_header, model_inputs, model_kind
     from permsparse.data.text import find_tokenizer
 
@@ -98,9 +100,11 @@ def recovery_data(model_path: Path, cfg) -> RecoveryData:
     kind = model_kind(header)
     if kind not in ("lm", "text"):
         raise PermsparseError(f"recovery trains text models (decoders, encoders); this model takes {kind} input")
-    tokenizer = cfg.tokenizer or find_tokenizer(model_path)
+    tokenizer = cfg.tokenizer or find_tokenizer(model_path) or \
+        (find_tokenizer(teacher_path) if teacher_path is not None else None)
     if tokenizer is None and kind == "lm":
-        log.warning("no tokenizer beside %s: byte ids modulo the vocabulary (structure only)", model_path)
+        log.warning("no tokenizer beside %s or its teacher: byte ids modulo the vocabulary (structure only); pass "
+                    "--tokenizer DIR", model_path)
     texts, source = _texts(cfg.calib, cfg.seed)
     # early-stopping slice: enough texts for stop_samples sequences (decoders pack ~seq_len/40 words per text)
     per_seq = max(1, cfg.seq_len // 40) if kind == "lm" else 1

@@ -5,7 +5,9 @@ residual-stream tensors (the fold leaves them unpermuted under the ``local``/``f
 student is compared with block ``l`` of the teacher. Trainable tensors are *initializer values only*:
 
 - the weights of pruned MatMul/Gemm nodes (every prunable weight of the analysis that is N:M in the student), with
-  their keep mask ``W != 0`` frozen;
+  their keep mask ``W != 0`` frozen; only their kept entries are stored and trained (a 1-D vector per weight, half the
+  size of the weight under 2:4), the dense weight is rebuilt from them inside each piece's run
+  (:class:`~permsparse.recover.train.StudentWeights`), so a pruned entry has no value, gradient or optimizer state;
 - biases and norm parameters: 1-D float initializers whose length is a channel count of a pruned weight, read by
   ``Add``/``Mul``/``Sub``/``Div`` or as scale/bias of ``LayerNormalization``/``SimplifiedLayerNormalization``/
   ``RMSNormalization``/``Gemm`` (the RoPE frequency table and scalars are not channel counts, so they stay frozen).
@@ -13,7 +15,9 @@ student is compared with block ``l`` of the teacher. Trainable tensors are *init
 Invariant: the student programs compute the student ONNX graph exactly (pieces compose to the whole model, the
 partition's invariant; each piece is a :class:`~permsparse.torchgraph.GraphProgram`); every trainable tensor is an
 initializer of the student, read through the program's constants, so writing its values back into those
-initializers gives an ONNX model computing what the programs computed — with the same nodes.
+initializers gives an ONNX model computing what the programs computed — with the same nodes. A masked weight's
+constant in the student programs is a placeholder of its shape filled with NaN: it is always overridden by the
+rebuilt dense weight, and a run that forgot the override would give NaN, never a silently wrong number.
 """
 
 from __future__ import annotations
@@ -55,17 +59,30 @@ class Pieces:
     graph_outputs: list[str]
     holder: dict = field(default_factory=dict)
 
+    @property
+    def all(self) -> list[Piece]:
+        return [self.prefix, *self.blocks, *([self.suffix] if self.suffix is not None else [])]
+
     def release(self) -> None:
         """Forget the ONNX model once every piece has run (its constants are cached as torch tensors): the model's
         weight bytes are then not held twice."""
         self.holder["index"] = None
+
+    def cache_and_release(self) -> None:
+        """Convert every constant of every piece now, then forget the ONNX model (:meth:`release`): the caller can
+        drop its proto at once, so the proto's bytes and the converted constants are never held together with the
+        other model's."""
+        for piece in self.all:
+            for name in piece.program.weight_names:
+                piece.program.constant(name)
+        self.release()
 
 
 @dataclass
 class Trainable:
     """What recovery trains: masked weights (``[stored shape]``, keep mask) and free 1-D parameters."""
 
-    masked: dict[str, tuple[np.ndarray, np.ndarray, int]]  # const -> (fp32 values, keep mask, K axis)
+    masked: dict[str, tuple[np.ndarray, np.ndarray, int]]  # const -> (fp32 kept values, 1-D; keep mask; K axis)
     free: dict[str, np.ndarray]  # const -> fp32 values (biases, norms)
     dtypes: dict[str, np.dtype]  # const -> dtype stored in the student
 
@@ -124,8 +141,9 @@ def find_trainable(student: onnx.ModelProto, base: Path, plan, n: int, m: int, p
         dims.update(int(d) for d in t.dims)
         dtypes[w.const] = values.dtype
         if params == "all" and w.const not in masked:
-            v32 = values.astype(np.float32)
-            masked[w.const] = (v32, v32 != 0, w.k_axis)
+            keep = np.asarray(values != 0)
+            masked[w.const] = (np.ascontiguousarray(values[keep], dtype=np.float32), keep, w.k_axis)
+        del values
     if not dims:
         raise PermsparseError(
             f"the student has no {n}:{m} sparse weight (of {len(plan.prunable)} prunable ones, none is {n}:{m}); "
@@ -150,18 +168,25 @@ def find_trainable(student: onnx.ModelProto, base: Path, plan, n: int, m: int, p
 
 
 def build_pieces(model: onnx.ModelProto, base: Path, bp, *, upcast: bool, device: torch.device,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Pieces:
+                 tensors: dict[str, torch.Tensor] | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> Pieces:
     """Prefix, blocks and suffix of ``model`` as programs. ``tensors`` (trainable fp32 tensors by constant name)
-    are served as those constants' values (sharing memory on the CPU), so nothing is held twice."""
+    are served as those constants' values (sharing memory on the CPU), so nothing is held twice; a name in
+    ``shapes`` (a masked weight stored as its kept entries) is served as a NaN placeholder of that shape that takes
+    no memory (the runs override it, see the module docstring)."""
     from permsparse.pipeline.blockwise.state import graph_inputs
     from permsparse.torchgraph import GraphProgram, ProgramConfig
     from permsparse.torchgraph.subgraph import ModelIndex
 
     index = ModelIndex(model, base)
     tensors = tensors or {}
+    shapes = shapes or {}
     holder = {"index": index}  # dropped by Pieces.release once every constant is cached
 
     def provider(name: str):
+        shape = shapes.get(name)
+        if shape is not None:
+            return torch.full((), float("nan"), device=device).expand(tuple(shape))
         t = tensors.get(name)
         if t is not None:
             return t.detach()
@@ -188,7 +213,7 @@ def build_pieces(model: onnx.ModelProto, base: Path, bp, *, upcast: bool, device
             )
         prog = GraphProgram(nodes, provider, opset=index.opset, inputs=pins, outputs=pouts, config=cfg)
         used = set(prog.weight_names)
-        made.append(Piece(label, pins, pouts, prog, [k for k in tensors if k in used]))
+        made.append(Piece(label, pins, pouts, prog, [k for k in [*tensors, *shapes] if k in used]))
     suffix = made[-1] if made[-1].label == "suffix" else None
     blocks = [p for p in made if p.label.startswith("block")]
     return Pieces(made[0], blocks, suffix, ins, outs, holder)

@@ -10,15 +10,19 @@ minimizes
 - encoders: ‖y_s − y_t‖² / ‖y_t‖² of every float output plus (1 − cosine) of the mean-pooled first output, plus the
   same per-block term.
 
-AdamW with linear warm-up and cosine decay over the run (steps, or the wall-clock budget). After each step the
-gradient of every pruned entry has been zeroed and the pruned entries are set to zero again, so every masked weight
-keeps its N:M pattern exactly. The teacher's outputs for a batch are computed once (on first use) and cached under the
+AdamW with linear warm-up and cosine decay over the run (steps, or the wall-clock budget). A masked weight is
+trained as the vector of its kept entries (:class:`StudentWeights`): each piece's run rebuilds the dense weight by
+scattering them into zeros at the frozen mask, so the pruned entries are exactly zero in every forward pass, get no
+gradient and no optimizer state (half the gradient and AdamW memory of a dense copy under 2:4), and every masked
+weight keeps its N:M pattern exactly. Per kept entry the arithmetic is that of AdamW on the dense weight with masked
+gradients (the dense forward and its gradient are the same numbers). The teacher's outputs for a batch are computed once (on first use) and cached under the
 work folder. The held-out score (decoders: cross-entropy on the early-stopping slice; encoders: 1 − pooled cosine to
 the teacher) is measured before training and every ``eval_every`` steps; the best weights are kept, and if no step
 beats the input the input's weights are the result.
 
-Invariant: pruned entries are exactly zero after every step (masked gradient, masked AdamW update, re-mask), and the
-returned weights have a held-out score no worse than the input's (the input is the first candidate).
+Invariant: pruned entries are exactly zero in every run and every returned weight (they are not parameters: the
+dense weight is rebuilt from the kept entries at the frozen mask), and the returned weights have a held-out score no
+worse than the input's (the input is the first candidate).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class Point:
 
 @dataclass
 class TrainResult:
-    values: dict[str, np.ndarray]  # best trainable values (fp32), by constant name
+    values: dict[str, np.ndarray]  # best trainable values (fp32; masked weights: kept entries only), by constant name
     curve: list[Point] = field(default_factory=list)
     steps: int = 0
     tokens: int = 0
@@ -83,26 +87,60 @@ def lr_factor(frac: float, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * rest))
 
 
-class MaskedAdamW:
-    """AdamW over the trainable tensors; masked tensors get masked gradients and are re-masked after each step."""
+class StudentWeights:
+    """The trainable tensors of the student: a masked weight as the 1-D vector of its kept entries (with its frozen
+    bool mask), a bias or norm parameter as itself. :meth:`materialize` gives the dense values the graph reads.
 
-    def __init__(self, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], lr: float,
-                 weight_decay: float):
-        self.tensors, self.masks = tensors, masks
-        self.opt = torch.optim.AdamW(list(tensors.values()), lr=lr, weight_decay=weight_decay)
+    Invariant: ``materialize(names)[w]`` is zero exactly off the mask and equals the kept vector, in row-major order,
+    on it; its gradient with respect to the kept vector is the dense gradient read at the kept entries."""
+
+    def __init__(self, values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
+        self.values = values  # leaf tensors (requires_grad), by constant name
+        self.masks = masks or {}  # masked weights only: bool keep mask of the stored shape
+
+    @classmethod
+    def from_trainable(cls, trainable: Trainable, device: torch.device) -> StudentWeights:
+        """Leaf tensors over ``trainable``'s arrays (sharing memory on the CPU: trained in place)."""
+        values = {k: torch.from_numpy(v[0]).to(device).requires_grad_() for k, v in trainable.masked.items()}
+        values.update({k: torch.from_numpy(v).to(device).requires_grad_() for k, v in trainable.free.items()})
+        masks = {k: torch.from_numpy(v[1]).to(device) for k, v in trainable.masked.items()}
+        return cls(values, masks)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(m.shape) for k, m in self.masks.items()}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.values
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The value the graph reads (differentiable in the kept vector)."""
+        v = self.values[name]
+        mask = self.masks.get(name)
+        if mask is None:
+            return v
+        return torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+
+    def materialize(self, names) -> dict[str, torch.Tensor]:
+        return {k: self.dense(k) for k in names if k in self.values}
+
+
+class MaskedAdamW:
+    """AdamW over the kept entries of the masked weights and the free parameters (:class:`StudentWeights`), with a
+    per-step learning-rate factor. Pruned entries are not parameters, so no step can make them non-zero."""
+
+    def __init__(self, weights: StudentWeights, lr: float, weight_decay: float):
+        self.weights = weights
+        self.opt = torch.optim.AdamW(list(weights.values.values()), lr=lr, weight_decay=weight_decay)
         self.base_lr = lr
 
     def step(self, factor: float) -> None:
-        with torch.no_grad():
-            for name, mask in self.masks.items():
-                g = self.tensors[name].grad
-                if g is not None:
-                    g.mul_(mask)
-            for group in self.opt.param_groups:
-                group["lr"] = self.base_lr * factor
-            self.opt.step()
-            for name, mask in self.masks.items():
-                self.tensors[name].mul_(mask)
+        for group in self.opt.param_groups:
+            group["lr"] = self.base_lr * factor
+        self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
 
@@ -114,13 +152,17 @@ def _to(feed: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Te
     return out
 
 
-def run_pieces(pieces: Pieces, feed: dict[str, torch.Tensor], overrides: dict[str, torch.Tensor],
+def run_pieces(pieces: Pieces, feed: dict[str, torch.Tensor], overrides: StudentWeights | dict[str, torch.Tensor],
                checkpoint: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Graph outputs and the output of every block (prefix → blocks → suffix)."""
+    """Graph outputs and the output of every block (prefix → blocks → suffix). ``overrides``: the student's
+    :class:`StudentWeights` (dense weights rebuilt inside each piece's run, so under checkpointing only one block's
+    dense weights exist at a time) or plain dense tensors by constant name."""
     from torch.utils.checkpoint import checkpoint as ckpt
     from torch.utils.checkpoint import set_checkpoint_early_stop
 
     def ov(piece):
+        if isinstance(overrides, StudentWeights):
+            return overrides.materialize(piece.params) or None
         return {k: overrides[k] for k in piece.params if k in overrides} or None
 
     env = dict(feed)
@@ -129,10 +171,9 @@ def run_pieces(pieces: Pieces, feed: dict[str, torch.Tensor], overrides: dict[st
     for piece in pieces.blocks:
         x_name, y_name = piece.inputs[0], piece.outputs[0]
         side = {k: env[k] for k in piece.inputs[1:]}
-        o = ov(piece)
 
-        def fn(x, piece=piece, side=side, o=o, x_name=x_name, y_name=y_name):
-            return piece.program.run({x_name: x, **side}, overrides=o)[y_name]
+        def fn(x, piece=piece, side=side, x_name=x_name, y_name=y_name):
+            return piece.program.run({x_name: x, **side}, overrides=ov(piece))[y_name]
 
         if checkpoint and torch.is_grad_enabled():
             # no early stop: the evaluator wraps every exception raised inside a node, including torch's stop signal
@@ -173,13 +214,12 @@ def _pool(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class Recovery:
     """Holds the student, the teacher, the data and the optimizer of one recovery run."""
 
-    def __init__(self, student: Pieces, teacher: Pieces, trainable: Trainable, tensors: dict[str, torch.Tensor],
+    def __init__(self, student: Pieces, teacher: Pieces, trainable: Trainable, weights: StudentWeights,
                  data, cfg, device: torch.device, work: Path, fingerprint: str, ids_name: str | None = None):
-        self.student, self.teacher, self.trainable, self.tensors = student, teacher, trainable, tensors
+        self.student, self.teacher, self.trainable, self.weights = student, teacher, trainable, weights
         self.data, self.cfg, self.device, self.work = data, cfg, device, work
         self.fingerprint = fingerprint
-        self.masks = {k: torch.from_numpy(trainable.masked[k][1]).to(device) for k in trainable.masked}  # bool
-        self.opt = MaskedAdamW(tensors, self.masks, cfg.lr, cfg.weight_decay)
+        self.opt = MaskedAdamW(weights, cfg.lr, cfg.weight_decay)
         self.decoder = data.kind == "lm"
         self.logits = _logits_name(student.graph_outputs)
         self.ids_name = ids_name or student.graph_inputs[0]
@@ -222,7 +262,7 @@ class Recovery:
 
     def loss(self, feed: dict[str, np.ndarray], target: dict[str, torch.Tensor]) -> torch.Tensor:
         tfeed = _to(feed, self.device)
-        outs, hidden = run_pieces(self.student, tfeed, self.tensors, checkpoint=True)
+        outs, hidden = run_pieces(self.student, tfeed, self.weights, checkpoint=True)
         self.student.release()
         ht = target["hidden"].to(self.device, torch.float32)
         block = sum(((h.float() - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12) for h, t in zip(hidden, ht))
@@ -258,7 +298,7 @@ class Recovery:
                     rec.pop("hidden")
             for j, feed in enumerate(self.data.stop):
                 tfeed = _to(feed, self.device)
-                outs, _ = run_pieces(self.student, tfeed, self.tensors, checkpoint=False)
+                outs, _ = run_pieces(self.student, tfeed, self.weights, checkpoint=False)
                 target = self._stop_teacher[j]
                 if self.decoder:
                     ids = tfeed[self.ids_name].long().to(self.device)
@@ -292,7 +332,7 @@ class Recovery:
     def _save_best(self) -> None:
         """The best weights so far go to disk (not a second copy in memory)."""
         tmp = self.best_path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({k: v.detach().cpu() for k, v in self.tensors.items()}, tmp)
+        torch.save({k: v.detach().cpu() for k, v in self.weights.values.items()}, tmp)
         os.replace(tmp, self.best_path)
 
     @property
@@ -302,7 +342,7 @@ class Recovery:
     def save(self, state: dict) -> None:
         tmp = self.ckpt_path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"fingerprint": self.fingerprint, "opt": self.opt.opt.state_dict(),
-                    "tensors": {k: v.detach().cpu() for k, v in self.tensors.items()}, **state}, tmp)
+                    "tensors": {k: v.detach().cpu() for k, v in self.weights.values.items()}, **state}, tmp)
         os.replace(tmp, self.ckpt_path)
 
     def load(self) -> dict | None:
@@ -318,7 +358,7 @@ class Recovery:
             return None
         with torch.no_grad():
             for k, v in state["tensors"].items():
-                self.tensors[k].copy_(v.to(self.device))
+                self.weights.values[k].copy_(v.to(self.device))
         self.opt.opt.load_state_dict(state["opt"])
         return state
 
@@ -417,4 +457,5 @@ def fingerprint(*parts: object) -> str:
     return h.hexdigest()[:32]
 
 
-__all__ = ["MaskedAdamW", "Point", "Recovery", "TrainResult", "lr_factor", "resolve_device", "run_pieces"]
+__all__ = ["MaskedAdamW", "Point", "Recovery", "StudentWeights", "TrainResult", "lr_factor", "resolve_device",
+           "run_pieces"]

@@ -6,7 +6,6 @@ one list of names. A new backend: add ``backends/<name>.py`` with a ``@register_
 it below.
 """
 
-from permsparse.runtime.backends import ort, tensorrt, torch  # noqa: E402,F401  (registers, in this order)
 from permsparse.runtime.backends.base import (
     DEVICES,
     BenchConfig,
@@ -16,5 +15,6 @@ from permsparse.runtime.backends.base import (
     register_backend,
     require_cuda,
 )
+from permsparse.runtime.backends import ort, torch, tensorrt  # noqa: E402,F401  (registers, in this order)
 
 __all__ = ["DEVICES", "BenchConfig", "Runner", "backend_names", "get_backend", "register_backend", "require_cuda"]
