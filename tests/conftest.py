@@ -30,3 +30,9 @@ def exported(tmp_path_factory):
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def pytest_sessionfinish(session, exitstatus):  # diagnosis: was SIGINT ignored in this process by the end?
+    import signal
+
+    print(f"\n[conftest] SIGINT disposition at the end of the session: {signal.getsignal(signal.SIGINT)!r}")

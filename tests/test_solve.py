@@ -293,7 +293,14 @@ def _wait_dead(pids: list[int], timeout: float) -> float:
 
 def _start(tmp_path: Path, *args: object) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(_script(tmp_path)), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    """In the child before exec: SIGINT/SIGTERM with their default action, as from a shell (an ignored SIGINT would be
+    inherited across exec, and Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_workers_die_with_sigkilled_parent(tmp_path):

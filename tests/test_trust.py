@@ -241,7 +241,8 @@ def test_killed_run_leaves_no_partial_output(tmp_path, exported, sig):
     out = tmp_path / "o.onnx"
     rng = random.Random(int(sig))
     proc = subprocess.Popen([sys.executable, "-m", "permsparse.cli", "optimize", str(src), "-o", str(out),
-                             "--method", "lsa", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--method", "lsa", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     time.sleep(rng.uniform(3.0, 12.0))
     children = _descendants(proc.pid)
     proc.send_signal(sig)
@@ -263,6 +264,14 @@ def test_killed_run_leaves_no_partial_output(tmp_path, exported, sig):
     while time.time() < deadline and any(_alive(p) for p in children):
         time.sleep(0.2)
     assert not [p for p in children if _alive(p)], "worker processes outlived the run"
+
+
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT and SIGTERM as a shell gives them (default action), whatever this test
+    process inherited or set (an ignored SIGINT is inherited across exec, and Python then installs no
+    KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _descendants(pid: int) -> list[int]:
