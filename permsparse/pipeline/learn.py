@@ -22,6 +22,7 @@ import numpy as np
 
 from permsparse.errors import PermsparseError
 from permsparse.ir.graph import const_index
+from permsparse.optimizer.importance import masking_score
 from permsparse.passes.analysis import Plan
 from permsparse.passes.fold import UnitPlan
 from permsparse.pipeline.config import CALIBRATED_IMPORTANCES, ResolvedConfig
@@ -85,12 +86,6 @@ def calibrate(source: Source, plan: Plan, cfg: ResolvedConfig, weights: list[str
                              cfg.calibration.samples, cfg.progress)
 
 
-def masking_score(kind: str, wk: np.ndarray, x_norm: np.ndarray | None) -> np.ndarray:
-    from permsparse.optimizer.importance import masking_score as score
-
-    return score(kind, wk, x_norm=x_norm)
-
-
 def learn(analysis: Analysis, x_norms: dict[str, np.ndarray], cfg: ResolvedConfig, solver: Solver | None,
           units: UnitPlan | None = None) -> Learned:
     """Every unit's permutation on the importance objective (or the recipe's permutations)."""
@@ -102,7 +97,7 @@ def learn(analysis: Analysis, x_norms: dict[str, np.ndarray], cfg: ResolvedConfi
         return Learned(replay(units, p.recipe_perms), x_norms=x_norms)
 
     def imp(name: str, wk: np.ndarray) -> np.ndarray:
-        return masking_score(cfg.mask.importance, wk, x_norms.get(plan.weights[name].input))
+        return masking_score(cfg.mask.importance, wk, x_norm=x_norms.get(plan.weights[name].input))
 
     perms, reports = solve_units(plan, units.units, const_index(analysis.graph), imp, method=p.method, seed=cfg.seed,
                                  budget_s=p.budget_s, workers=p.workers, learned_config=p.learned,

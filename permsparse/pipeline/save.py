@@ -22,6 +22,7 @@ import onnx
 from permsparse.errors import VerificationError
 from permsparse.ir.graph import const_index, export_graph
 from permsparse.ir.save import save_model
+from permsparse.optimizer.importance import masking_score
 from permsparse.passes.sparsify import (
     MaskStats,
     apply_masks,
@@ -31,7 +32,7 @@ from permsparse.passes.sparsify import (
 )
 from permsparse.pipeline.config import ResolvedConfig
 from permsparse.pipeline.fold import Folded
-from permsparse.pipeline.learn import Learned, masking_score
+from permsparse.pipeline.learn import Learned
 from permsparse.pipeline.read import Analysis, Source
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _masking_importance(cfg: ResolvedConfig, x_norms: dict[str, np.ndarray], fol
         idx = folded.fold.indices.get((w.const, w.k_axis))
         if x is not None and idx is not None:
             x = x[idx]
-        return masking_score(kind, wk, x)
+        return masking_score(kind, wk, x_norm=x)
 
     return fn
 
