@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every solved unit in DIR and reuse it when the run is started again (resume)")
     p.add_argument("--check", choices=CHECKS, default=None,
                    help="run the model whole (onnxruntime) or block by block (PyTorch, for models too big to hold "
-                        "twice) for the fold check and calibration; default auto (blocks above ~4 GB of fp32 weights)")
+                        "twice) for the fold check and calibration; default auto (blocks above ~1 GB of fp32 weights)")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="measure plain N:M vs the result on held-out data; write a Markdown report with plots")
     p.add_argument("--recipe", type=Path, default=None, metavar="FILE",

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError
+from permsparse.ir.header import load_structure
 from permsparse.ir.session import Session
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def collect_activation_stats(
     names = list(dict.fromkeys(tensor_names))
     if not names:
         return {}
-    header = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, os.PathLike)) else model
+    header = load_structure(model) if isinstance(model, (str, os.PathLike)) else model
     graph_inputs, produced, constants = _graph_names(header)
     missing = [n for n in names if n not in graph_inputs and n not in produced]
     if missing:

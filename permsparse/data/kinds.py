@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError
+from permsparse.ir.header import load_structure
 from permsparse.ir.inputs import InputSpec, graph_inputs, vocab_hints
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def load_header(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     path = model_file(model)
     if not path.is_file():
         raise PermsparseError(f"model file {str(path)!r} does not exist")
-    return onnx.load(str(path), load_external_data=False)
+    return load_structure(path)  # the graph without the weights' values: cheap for any file size
 
 
 def model_inputs(model: onnx.ModelProto | str | os.PathLike) -> list[InputSpec]:

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError
+from permsparse.ir.header import load_structure
 from permsparse.ir.session import Session
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def evaluate_drift(
     if missing:
         raise PermsparseError(f"the dense model has no outputs {missing}")
     if lm is None:
-        header = dense_model_path if isinstance(dense_model_path, onnx.ModelProto) else onnx.load(str(dense_model_path), load_external_data=False)
+        header = dense_model_path if isinstance(dense_model_path, onnx.ModelProto) else load_structure(dense_model_path)
         try:
             lm = model_kind(header) == "lm"
         except PermsparseError:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from permsparse.errors import PermsparseError, UsageError
+from permsparse.ir.header import load_structure
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def graph_inputs(model: onnx.ModelProto | str | os.PathLike[str]) -> list[InputS
         path = Path(model)
         if not path.is_file():
             raise PermsparseError(f"model file {str(path)!r} does not exist")
-        model = onnx.load(str(path), load_external_data=False)
+        model = load_structure(path)
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:

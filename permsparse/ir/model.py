@@ -8,6 +8,7 @@ consists of, so no output ever lands on one of them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ from permsparse.ir.external import (
     read_external,
     uses_external_data,
 )
+from permsparse.ir.header import load_structure
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,15 @@ FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", Ten
 _EXPONENT_BITS = {TensorProto.FLOAT16: np.uint16(0x7C00), TensorProto.BFLOAT16: np.uint16(0x7F80)}
 
 
-def load_model(path: str | os.PathLike[str], *, lazy: bool = True, check: bool = True) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike[str], *, lazy: bool = True, check: bool = True,
+               lazy_inline_above: int | None = None) -> onnx.ModelProto:
     """Load an ONNX model, raising :class:`PermsparseError` (one line, what to do) on bad input.
 
     ``lazy`` (default) leaves external data on disk: tensors keep their references and are read memory-mapped on
     demand (:func:`permsparse.ir.graph.import_graph`); ``lazy=False`` loads every weight into memory.
+    ``lazy_inline_above``: a model whose weights lie inside its .onnx file and take more than this many bytes once
+    16-bit floats are widened is read with :func:`permsparse.ir.header.load_lazy` — its big weights become external
+    references into the .onnx file itself, read memory-mapped like any external data, never parsed into memory.
     """
     p = Path(path)
     if p.is_dir():
@@ -49,7 +55,12 @@ def load_model(path: str | os.PathLike[str], *, lazy: bool = True, check: bool =
     if not p.is_file():
         raise PermsparseError(f"{p}: no such file. Give the path of an .onnx model.")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = _load_lazy_inline(p, lazy_inline_above) if lazy and lazy_inline_above is not None else None
+        read_lazily = model is not None
+        if model is None:
+            model = onnx.load(str(p), load_external_data=False)
+    except PermsparseError:
+        raise
     except Exception as exc:  # protobuf raises several types
         raise PermsparseError(
             f"{p}: cannot be read as ONNX ({type(exc).__name__}: {_first_line(exc)}). Is it an .onnx file?"
@@ -61,8 +72,14 @@ def load_model(path: str | os.PathLike[str], *, lazy: bool = True, check: bool =
         _check_data_files(model, p)
     if check:
         try:
-            # With external data the checker reads the file path itself (and checks the data files exist).
-            onnx.checker.check_model(str(p) if external or p.stat().st_size > EXTERNAL_DATA_THRESHOLD else model)
+            if read_lazily:
+                # the lazy proto's references are relative to the model's folder, where the checker looks for them
+                # (from the working directory); checking the path instead would parse every weight (2x the file)
+                with contextlib.chdir(p.parent):
+                    onnx.checker.check_model(model)
+            else:
+                # With external data the checker reads the file path itself (and checks the data files exist).
+                onnx.checker.check_model(str(p) if external or p.stat().st_size > EXTERNAL_DATA_THRESHOLD else model)
         except Exception as exc:
             raise PermsparseError(f"{p}: the ONNX checker rejects this model: {_first_line(exc)}") from None
     if external and not lazy:
@@ -71,6 +88,20 @@ def load_model(path: str | os.PathLike[str], *, lazy: bool = True, check: bool =
         except Exception as exc:
             raise PermsparseError(f"{p}: cannot read its external data ({_first_line(exc)})") from None
     return model
+
+
+def _load_lazy_inline(p: Path, above: int) -> onnx.ModelProto | None:
+    """:func:`load_lazy` of ``p`` if its inline weights exceed ``above`` bytes widened to fp32; else None."""
+    from permsparse.ir.header import load_lazy
+
+    if p.stat().st_size * 2 <= above:  # cannot be over: 16-bit weights at most double
+        return None
+    header = load_structure(p)
+    if uses_external_data(header):
+        return None
+    half = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    widened = sum(nbytes(t) * (2 if t.data_type in half else 1) for t in header.graph.initializer)
+    return load_lazy(p) if widened > above else None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -94,7 +125,7 @@ def model_files(path: str | os.PathLike[str], model: onnx.ModelProto | None = No
     """The resolved paths of a model's .onnx file and every external data file it reads."""
     p = Path(path)
     if model is None:
-        model = onnx.load(str(p), load_external_data=False)
+        model = load_structure(p)
     return {p.resolve()} | data_files(model, p.parent)
 
 

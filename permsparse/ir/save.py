@@ -134,7 +134,9 @@ def save_model(
     """Write ``model`` to ``path`` atomically (see the module docstring).
 
     ``external_data=None`` picks external data (one ``<name>.data`` file beside the model) when the model already
-    keeps weights externally, they exceed :data:`EXTERNAL_DATA_THRESHOLD`, or transforms are given. ``base_dir``
+    keeps weights externally, they exceed :data:`EXTERNAL_DATA_THRESHOLD`, or transforms are given.
+    ``external_data=False`` with external tensors or transforms writes one self-contained file, still one tensor at a
+    time (:func:`_write_inline`), so an input read lazily from its own .onnx is written back in the same layout. ``base_dir``
     resolves relative external locations of ``model``. In external mode the initializers of ``model`` are rewritten
     to reference the new data file.
     """
@@ -151,6 +153,8 @@ def save_model(
             onnx.save_model(model, str(tmp))
             out.unlink(missing_ok=True)  # never an old .onnx beside a new data file
             os.replace(tmp_dir / data_path.name, data_path)
+        elif transform or uses_external_data(model):
+            _write_inline(model, tmp, base_dir, transform)
         else:
             onnx.save_model(model, str(tmp))
         _fix_mode(tmp)
@@ -227,6 +231,66 @@ def _write_streaming(model, data_path: Path, data_name: str, base_dir, transform
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
             offset += length
+
+
+#: protobuf refuses messages of 2 GiB or more
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _write_inline(model: onnx.ModelProto, path: Path, base_dir, transform: Mapping[str, Transform]) -> None:
+    """Write ``model`` as one .onnx file with every initializer inline, one tensor at a time.
+
+    A ModelProto is written as its own fields, then the graph (field 7) as its fields without initializers followed
+    by each initializer (graph field 5: the tensor's header fields, then its values as ``raw_data``, field 9).
+    Protobuf lets fields come in any order and repeated fields concatenate, so the file parses to the same model as
+    ``onnx.save`` would write; every length is known from dims and dtype before any value is read.
+    Invariant: a transform keeps its tensor's shape and dtype (checked; a mismatch raises before the file is used).
+    """
+    from permsparse.ir.header import varint_bytes
+
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    del rest.graph.initializer[:]
+    graph_rest = rest.graph.SerializeToString()
+    rest.ClearField("graph")
+    parts: list[tuple[bytes, TensorProto | None, int]] = []  # (bytes before the values, tensor to stream, n values)
+    for t in model.graph.initializer:
+        if t.name not in transform and not is_external(t):
+            body = t.SerializeToString()
+            parts.append((bytes([5 << 3 | 2]) + varint_bytes(len(body)) + body, None, 0))
+            continue
+        head = TensorProto()
+        head.CopyFrom(t)
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                      "external_data", "data_location"):
+            head.ClearField(field)
+        hb = head.SerializeToString()
+        n = nbytes(t)
+        body_len = len(hb) + 1 + len(varint_bytes(n)) + n
+        parts.append((bytes([5 << 3 | 2]) + varint_bytes(body_len) + hb + bytes([9 << 3 | 2]) + varint_bytes(n), t, n))
+    graph_len = len(graph_rest) + sum(len(b) + n for b, _, n in parts)
+    head_bytes = rest.SerializeToString() + bytes([7 << 3 | 2]) + varint_bytes(graph_len)
+    if len(head_bytes) + graph_len > _PROTOBUF_LIMIT:
+        raise PermsparseError(f"{path.name}: {len(head_bytes) + graph_len} bytes do not fit in one .onnx file "
+                              "(protobuf's 2 GB limit); write it with external data")
+    with open(path, "wb") as f:
+        f.write(head_bytes)
+        f.write(graph_rest)
+        for before, t, n in parts:
+            f.write(before)
+            if t is None:
+                continue
+            fn = transform.get(t.name)
+            if fn is None:
+                _, offset, _ = external_info(t)
+                _copy_range(external_path(t, base_dir), offset, n, f, t.name)
+                continue
+            arr = read_external(t, base_dir, mmap=False) if is_external(t) else numpy_helper.to_array(t)
+            new = np.ascontiguousarray(fn(arr))
+            if new.dtype != arr.dtype or new.shape != arr.shape or new.nbytes != n:
+                raise PermsparseError(f"internal error: the transform of {t.name!r} changed its shape or dtype "
+                                      f"({arr.shape} {arr.dtype} -> {new.shape} {new.dtype})")
+            f.write(new.astype(new.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def _copy_range(src: Path, offset: int, length: int, f, name: str) -> None:

@@ -104,7 +104,7 @@ class OptimizeConfig:
         recipe_perms: permutations to replay (unit name -> perm) instead of learning them (``--recipe``).
         check: how the model is run for the fold check and the Wanda/RIA calibration: ``whole`` (the whole model on
             onnxruntime), ``blocks`` (block by block in PyTorch, for models too big to hold twice), ``auto`` (whole
-            unless the model is over ~4 GB in fp32); default auto.
+            unless the weights are over ~1 GB in fp32, or the model cannot be run block by block); default auto.
         cluster: where units are solved: ``local`` (a reusable pool of this machine's processes), ``auto`` (Ray: the
             running cluster, else a local Ray instance) or ``ray://HOST:PORT`` (Ray client); default local.
         work_dir: keep every solved unit there (keyed by its weights, method, options and seed) and reuse it when the

@@ -6,8 +6,8 @@ Rewrite: every unit's permutation is folded into the weights of its closure (and
 allows one), :func:`permsparse.passes.fold.apply_fold`, in place on ``analysis.graph``.
 Postcondition (checked here, before anything is written): the permuted *dense* graph computes the same outputs as the
 input, within ``cfg.check.rtol``, on random inputs at two sizes — on onnxruntime for the whole model, or block by
-block in PyTorch for a model too big to hold twice. A failed check raises :class:`VerificationError`: nothing is
-written.
+block in PyTorch for a big model (:data:`permsparse.pipeline.read.WHOLE_CHECK_MAX_BYTES`). A failed check raises
+:class:`VerificationError`: nothing is written.
 """
 
 from __future__ import annotations
@@ -55,7 +55,15 @@ def fold(source: Source, analysis: Analysis, perms: dict[str, np.ndarray], cfg: 
 
 
 def _check(source: Source, analysis: Analysis, result: FoldResult, cfg: ResolvedConfig, work: Path) -> Equivalence:
+    from permsparse.pipeline.blockwise.check import applicable
+
     whole = source.whole_check(cfg.check)
+    bp = None if whole else partition_of(source, analysis.plan)
+    blockwise_ok = bp is not None and applicable(cfg.permutation.policy, result.gathers)
+    if not whole and not blockwise_ok and cfg.check.mode == "auto":
+        log.info("the fold check runs the whole model on onnxruntime (this model cannot be checked block by block); "
+                 "it holds ~5x the weights' size in memory")
+        whole = True
     if source.external:
         spill_constants(analysis.graph, {c for c, _ in result.indices}, work)
         # weights referenced where they lie, by absolute path
@@ -66,7 +74,7 @@ def _check(source: Source, analysis: Analysis, result: FoldResult, cfg: Resolved
     else:
         folded, folded_dir = export_graph(analysis.graph, source.model), None
     if not whole:
-        return _check_blockwise(source, analysis, result, cfg, folded, folded_dir or source.base_dir)
+        return _check_blockwise(source, bp if blockwise_ok else None, cfg, folded, folded_dir or source.base_dir)
     feeds = verify_feeds(source.model, cfg.check, cfg.seed)
     if source.half:
         reference = run_outputs(upcast_model(source.model, source.base_dir), [upcast_feeds(f) for f in feeds])
@@ -78,16 +86,15 @@ def _check(source: Source, analysis: Analysis, result: FoldResult, cfg: Resolved
     return compare(reference, candidate, cfg.check.rtol, method)
 
 
-def _check_blockwise(source: Source, analysis: Analysis, result: FoldResult, cfg: ResolvedConfig,
-                     folded: onnx.ModelProto, folded_dir: Path) -> Equivalence:
-    from permsparse.pipeline.blockwise.check import applicable, check_blockwise
+def _check_blockwise(source: Source, bp, cfg: ResolvedConfig, folded: onnx.ModelProto, folded_dir: Path
+                     ) -> Equivalence:
+    from permsparse.pipeline.blockwise.check import check_blockwise
 
-    bp = partition_of(source, analysis.plan)
-    if bp is None or not applicable(cfg.permutation.policy, result.gathers):
+    if bp is None:
         raise PermsparseError(
-            "this model is too big to hold twice for the fold check, and it cannot be checked block by block "
-            "(no residual-stream blocks, or policy global); use --policy local (or fold), or --check whole on a "
-            "machine with more memory"
+            "the fold check cannot run block by block on this model (no residual-stream blocks, or permutations "
+            "that cross them: policy global); use --check whole (the whole model on onnxruntime, ~5x the weights' "
+            "size in memory), or --policy local (or fold)"
         )
     feeds = [random_feeds(source.model, concrete_shapes(source.model, batch=1, seq=7), seed=cfg.seed + 1)]
     return check_blockwise(source.model, source.base_dir, folded, folded_dir, bp, feeds, cfg.check.rtol)

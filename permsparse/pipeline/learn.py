@@ -77,6 +77,9 @@ def calibrate(source: Source, plan: Plan, cfg: ResolvedConfig, weights: list[str
     from permsparse.pipeline.blockwise.norms import block_input_norms
 
     bp = partition_of(source, plan)
+    if bp is None and cfg.check.mode == "auto":
+        log.info("calibration runs the whole model on onnxruntime (no residual-stream blocks to run one at a time)")
+        return input_norms(source.path, names, cfg)
     if bp is None:
         raise PermsparseError(
             "this model is too big to run whole for calibration, and it has no residual-stream blocks to run one at "

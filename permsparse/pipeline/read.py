@@ -39,27 +39,35 @@ from permsparse.pipeline.config import CheckConfig, MaskConfig, ModelFacts
 
 log = logging.getLogger(__name__)
 
-#: Above this many bytes of (fp32-widened) weights the fold check runs block by block instead of holding two models.
-WHOLE_CHECK_MAX_BYTES = 4_000_000_000
+#: Above this many bytes of (fp32-widened) weights, ``--check auto`` runs the fold check and the calibration block by
+#: block in PyTorch (~1.5x the weights' size) rather than the whole model on onnxruntime, which holds the input, the
+#: folded copy and a session's own copies of the weights (~5x: 9.3 GB for a 1.74 GB model, bench/results/
+#: family-decoder.md). A fixed size, not the machine's free memory, so the same input gives the same output anywhere.
+WHOLE_CHECK_MAX_BYTES = 1_000_000_000
 
 
 @dataclass(frozen=True)
 class Source:
     """The input model as loaded: the graph proto (weights stay on disk for external-data models), its sha256, and
-    whether its weights are external and 16-bit."""
+    whether its weights are external and 16-bit. ``inline``: the weights lie inside the .onnx file but are read from
+    it on demand like external data (a model over :data:`WHOLE_CHECK_MAX_BYTES`,
+    :func:`permsparse.ir.header.load_lazy`); the output is then written as one file too."""
 
     path: Path
     model: onnx.ModelProto
     digest: str
     external: bool
     half: bool
+    inline: bool = False
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
 
     def whole_check(self, check: CheckConfig) -> bool:
-        """Run the model whole on onnxruntime (fold check, calibration) — unless it cannot be held twice."""
+        """Run the model whole on onnxruntime (fold check, calibration): ``--check whole``, or ``auto`` and the
+        weights are at most :data:`WHOLE_CHECK_MAX_BYTES` (callers fall back to whole under ``auto`` when the model
+        cannot be run block by block)."""
         size = model_size_bytes(self.model) * (2 if self.half else 1)
         return check.mode == "whole" or (check.mode == "auto" and size <= WHOLE_CHECK_MAX_BYTES)
 
@@ -76,11 +84,14 @@ class Analysis:
 def load(src: Path, dst: Path | None) -> Source:
     """Check the paths before any work (the output may not be one of the input's files), load the graph, refuse bad
     input."""
-    model = load_model(src)
+    model = load_model(src, lazy_inline_above=WHOLE_CHECK_MAX_BYTES)
+    files = model_files(src, model)
     if dst is not None:
-        check_output(dst, frozenset(model_files(src, model)))
+        check_output(dst, frozenset(files))
     check_input(model, src)
-    return Source(src, model, file_sha256(src), uses_external_data(model), is_half_model(model))
+    external = uses_external_data(model)
+    return Source(src, model, file_sha256(src), external, is_half_model(model),
+                  inline=external and files == {src.resolve()})
 
 
 def probe_shapes(source: Source, check: CheckConfig, seed: int) -> Probe:

@@ -62,7 +62,7 @@ def mask_and_save(source: Source, analysis: Analysis, folded: Folded, learned: L
             for n in selected}
         out = export_graph(analysis.graph, source.model)
         provenance(out, source, analysis, cfg)
-        save_model(out, dst, external_data=True, transform=transforms)
+        save_model(out, dst, external_data=not source.inline, transform=transforms)
     else:
         if cfg.mask.apply:
             consts = const_index(analysis.graph)
