@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening (share of mean diag H, default 0.1)")
     p.add_argument("--calib", default=None, metavar="DATA",
                    help="calibration data: text file, .json/.jsonl, folder of .txt, token ids (.npy/.txt), images "
-                        "(default: built-in real Wikipedia text for text models)")
+                        "(default for text models: the built-in mix of real text of five domains; one built-in "
+                        "domain by name: wiki, news, film, manuals, comments)")
     p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration examples (default 128)")
     p.add_argument("--calib-seq-len", type=_positive_int, default=None, help="tokens per example (default 128)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
