@@ -34,11 +34,15 @@ from google.protobuf.message import DecodeError
 from permsparse.errors import PermsparseError
 
 # field numbers of onnx.proto3
-_MODEL_GRAPH = 7
-_GRAPH_INITIALIZER = 5
+MODEL_GRAPH = 7
+GRAPH_INITIALIZER = 5
 _GRAPH_SPARSE_INITIALIZER = 15
 _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+TENSOR_RAW_DATA = 9
 _TENSOR_DATA_FIELDS = frozenset({4, 5, 6, 7, 9, 10, 11})  # float, int32, string, int64, raw, double, uint64 data
+#: the TensorProto fields that hold values (numbers above, by name)
+TENSOR_VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                       "uint64_data")
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -92,11 +96,13 @@ def _fields(buf, start: int, end: int):
         pos = pos2
 
 
+def len_prefix(field: int, length: int) -> bytes:
+    """The tag and length that start a length-delimited field (a submessage, bytes) of ``length`` bytes."""
+    return varint_bytes(field << 3 | _LEN) + varint_bytes(length)
+
+
 def _submessage(field: int, payload: bytes) -> bytes:
-    return varint_bytes(field << 3 | _LEN) + varint_bytes(len(payload)) + payload
-
-
-_RAW_DATA = 9
+    return len_prefix(field, len(payload)) + payload
 
 
 def _tensor(buf, start: int, end: int) -> bytes:
@@ -112,7 +118,7 @@ def _lazy_tensor(buf, start: int, end: int, location: str, min_bytes: int) -> by
     """The TensorProto at ``buf[start:end]``, its ``raw_data`` (when ``>= min_bytes``) replaced by an external
     reference to the same bytes of the file."""
     raw = next(((p0, p1) for field, wire, p0, p1, _ in _fields(buf, start, end)
-                if field == _RAW_DATA and wire == _LEN), None)
+                if field == TENSOR_RAW_DATA and wire == _LEN), None)
     if raw is None or raw[1] - raw[0] < min_bytes:
         return bytes(buf[start:end])
     t = onnx.TensorProto.FromString(_tensor(buf, start, end))
@@ -137,11 +143,9 @@ def _sparse(buf, start: int, end: int) -> bytes:
 def _graph(buf, start: int, end: int, lazy: tuple[str, int] | None = None) -> bytes:
     out = bytearray()
     for field, wire, p0, p1, first in _fields(buf, start, end):
-        if field == _GRAPH_INITIALIZER and wire == _LEN:
+        if field == GRAPH_INITIALIZER and wire == _LEN:
             out += _submessage(field, _tensor(buf, p0, p1) if lazy is None else _lazy_tensor(buf, p0, p1, *lazy))
-        elif lazy is not None:
-            out += buf[first:p1]
-        elif field == _GRAPH_SPARSE_INITIALIZER and wire == _LEN:
+        elif field == _GRAPH_SPARSE_INITIALIZER and wire == _LEN and lazy is None:  # lazy: kept whole
             out += _submessage(field, _sparse(buf, p0, p1))
         else:
             out += buf[first:p1]
@@ -153,7 +157,7 @@ def structure_bytes(buf, lazy: tuple[str, int] | None = None) -> bytes:
     (location, min_bytes)``: big raw values referenced at their offsets in the file named ``location`` instead)."""
     out = bytearray()
     for field, wire, p0, p1, first in _fields(buf, 0, len(buf)):
-        if field == _MODEL_GRAPH and wire == _LEN:
+        if field == MODEL_GRAPH and wire == _LEN:
             out += _submessage(field, _graph(buf, p0, p1, lazy))
         else:
             out += buf[first:p1]

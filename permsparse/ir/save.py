@@ -35,6 +35,13 @@ from permsparse.ir.external import (
     read_external,
     uses_external_data,
 )
+from permsparse.ir.header import (
+    GRAPH_INITIALIZER,
+    MODEL_GRAPH,
+    TENSOR_RAW_DATA,
+    TENSOR_VALUE_FIELDS,
+    len_prefix,
+)
 from permsparse.ir.model import EXTERNAL_DATA_THRESHOLD, model_size_bytes
 
 log = logging.getLogger(__name__)
@@ -223,7 +230,7 @@ def _write_streaming(model, data_path: Path, data_name: str, base_dir, transform
             else:
                 length = len(payload)
                 f.write(payload)
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            for field in TENSOR_VALUE_FIELDS:
                 t.ClearField(field)
             del t.external_data[:]
             t.data_location = TensorProto.EXTERNAL
@@ -246,8 +253,6 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir, transform: Mappi
     ``onnx.save`` would write; every length is known from dims and dtype before any value is read.
     Invariant: a transform keeps its tensor's shape and dtype (checked; a mismatch raises before the file is used).
     """
-    from permsparse.ir.header import varint_bytes
-
     rest = onnx.ModelProto()
     rest.CopyFrom(model)
     del rest.graph.initializer[:]
@@ -257,19 +262,17 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir, transform: Mappi
     for t in model.graph.initializer:
         if t.name not in transform and not is_external(t):
             body = t.SerializeToString()
-            parts.append((bytes([5 << 3 | 2]) + varint_bytes(len(body)) + body, None, 0))
+            parts.append((len_prefix(GRAPH_INITIALIZER, len(body)) + body, None, 0))
             continue
         head = TensorProto()
         head.CopyFrom(t)
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                      "external_data", "data_location"):
+        for field in (*TENSOR_VALUE_FIELDS, "external_data", "data_location"):
             head.ClearField(field)
-        hb = head.SerializeToString()
         n = nbytes(t)
-        body_len = len(hb) + 1 + len(varint_bytes(n)) + n
-        parts.append((bytes([5 << 3 | 2]) + varint_bytes(body_len) + hb + bytes([9 << 3 | 2]) + varint_bytes(n), t, n))
+        tensor_head = head.SerializeToString() + len_prefix(TENSOR_RAW_DATA, n)  # the values follow
+        parts.append((len_prefix(GRAPH_INITIALIZER, len(tensor_head) + n) + tensor_head, t, n))
     graph_len = len(graph_rest) + sum(len(b) + n for b, _, n in parts)
-    head_bytes = rest.SerializeToString() + bytes([7 << 3 | 2]) + varint_bytes(graph_len)
+    head_bytes = rest.SerializeToString() + len_prefix(MODEL_GRAPH, graph_len)
     if len(head_bytes) + graph_len > _PROTOBUF_LIMIT:
         raise PermsparseError(f"{path.name}: {len(head_bytes) + graph_len} bytes do not fit in one .onnx file "
                               "(protobuf's 2 GB limit); write it with external data")
