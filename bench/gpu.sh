@@ -8,7 +8,7 @@
 #   bash bench/gpu.sh [--dry-run] [--iters N] [--work DIR] [--out FILE] [--skip STEP ...] [--budget-s S]
 #
 # --dry-run: the CPU rehearsal, end to end on tiny shapes (same scripts, same flags, --device cpu), written to
-# out/gpu-dry-run/ instead of bench/results/. Steps: env cusparselt layers models whole optimize tensorrt.
+# out/gpu-dry-run/ instead of bench/results/. Steps: env cusparselt layers models whole optimize gputests tensorrt.
 # Needs on the GPU machine only what its image has (torch+CUDA, onnx, onnxruntime, transformers) plus this repo.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -188,6 +188,15 @@ optimize_md() {
 }
 step optimize 150 bash -c "$(declare -f optimize_md); PY='$PY' optimize_md '$DEVICE' '$WORK' '$TINY' > '$PARTS/6-optimize.md'"
 
+# ---- the gpu-marked tests: optimize's torch stages and recovery on CUDA vs the CPU (tests/test_devices.py) --------
+gputests_md() {
+  echo "## gpu-marked tests (CUDA vs CPU numerics)"; echo
+  echo '```'
+  "$PY" -m pytest -q -m gpu tests/test_devices.py tests/test_recover.py -p no:cacheprovider 2>&1 | tail -15
+  echo '```'
+}
+step gputests 120 bash -c "$(declare -f gputests_md); PY='$PY' gputests_md > '$PARTS/7-gputests.md'"
+
 # ---- TensorRT-RTX ----------------------------------------------------------------------------------------------
 trt_md() {
   local dev="$1" work="$2" tiny="$3" iters="$4"
@@ -208,7 +217,7 @@ trt_md() {
   timeout 240 "$PY" -m permsparse.cli bench "$work/models/vit.sparse.onnx" --dense "$work/models/vit.onnx" \
     --backend tensorrt --precision fp16 --shapes "$shapes" --iters "$iters" --no-plot 2>&1 | tail -20 | sed 's/^/    /'
 }
-step tensorrt 200 bash -c "$(declare -f trt_md); PY='$PY' trt_md '$DEVICE' '$WORK' '$TINY' '$ITERS' > '$PARTS/7-tensorrt.md'"
+step tensorrt 200 bash -c "$(declare -f trt_md); PY='$PY' trt_md '$DEVICE' '$WORK' '$TINY' '$ITERS' > '$PARTS/8-tensorrt.md'"
 
 # ---- assemble --------------------------------------------------------------------------------------------------
 TMP="$OUT.tmp"

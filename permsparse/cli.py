@@ -34,7 +34,8 @@ from permsparse.pipeline.config import (
     RECONSTRUCTIONS,
     TEACHERS,
 )
-from permsparse.runtime.backends import DEVICES, backend_names
+from permsparse.devices import DEVICES
+from permsparse.runtime.backends import backend_names
 from permsparse.runtime.choices import PRECISION_MODES, PRECISIONS, SPARSE_METHODS
 
 BACKENDS: tuple[str, ...] = backend_names()
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", choices=CHECKS, default=None,
                    help="run the model whole (onnxruntime) or block by block (PyTorch, for models too big to hold "
                         "twice) for the fold check and calibration; default auto (blocks above ~1 GB of fp32 weights)")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="torch device of the torch stages (block calibration, Hessians, SparseGPT, block tuning, "
+                        "permutation learners, recovery): cpu (default), cuda, or auto (cuda when torch sees one); "
+                        "onnxruntime steps stay on the CPU")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="measure plain N:M vs the result on held-out data; write a Markdown report with plots")
     p.add_argument("--recipe", type=Path, default=None, metavar="FILE",

@@ -142,3 +142,22 @@ def test_inline_streaming_write_round_trips(tmp_path, masked):
 
 def is_external_t(t) -> bool:
     return t.data_location == TensorProto.EXTERNAL
+
+
+def test_fp32_bytes_widens_16_bit_tensors_one_by_one_and_reads_headers(tmp_path):
+    """One size rule (lazy read and whole-vs-blocks check): a mixed model counts its fp16 tensors twice, its fp32
+    tensors once — not the whole model twice — and a header without values gives the same number."""
+    from permsparse.ir.model import fp32_bytes
+
+    a = numpy_helper.from_array(np.ones((10, 10), np.float16), "a")  # 200 bytes -> 400
+    b = numpy_helper.from_array(np.ones((10, 10), np.float32), "b")  # 400 bytes -> 400
+    c = numpy_helper.from_array(np.ones(3, np.int64), "c")  # 24 bytes
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [10, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [10, 10])
+    nodes = [helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.FLOAT), helper.make_node("Add", ["x", "a32"], ["s"]),
+             helper.make_node("Add", ["s", "b"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=[a, b, c]))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    assert fp32_bytes(model) == 400 + 400 + 24
+    assert fp32_bytes(load_structure(path)) == 400 + 400 + 24

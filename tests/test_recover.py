@@ -153,6 +153,23 @@ def test_checkpointed_whole_model_gradients_equal_plain_run(tiny_pair):
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
 
 
+def test_checkpointing_on_or_off_trains_the_same_weights(tiny_pair, tmp_path):
+    """``checkpoint`` (auto: off for small students, see CHECKPOINT_ABOVE_VALUES) moves memory and time only."""
+    from permsparse.recover.config import CHECKPOINT_ABOVE_VALUES
+
+    dense, sparse = tiny_pair
+    runs = {ck: recover(sparse, dense, tmp_path / f"{ck}.onnx",
+                        RecoverConfig(steps=3, lr=1e-3, progress=False, eval_every=1, checkpoint=ck))
+            for ck in (True, False)}
+    assert runs[True].trained_values < CHECKPOINT_ABOVE_VALUES  # the tiny model's auto choice is "off"
+    for a, b in zip(runs[True].curve, runs[False].curve):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-5)
+    wa, wb = ({t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"{ck}.onnx")).graph.initializer}
+              for ck in (True, False))
+    for k, v in wa.items():
+        np.testing.assert_allclose(wb[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 class _DenseMaskedAdamW:
     """The earlier optimizer, for reference: AdamW on dense weights, gradients masked before and weights re-masked
     after each step."""

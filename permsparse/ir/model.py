@@ -99,9 +99,7 @@ def _load_lazy_inline(p: Path, above: int) -> onnx.ModelProto | None:
     header = load_structure(p)
     if uses_external_data(header):
         return None
-    half = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
-    widened = sum(nbytes(t) * (2 if t.data_type in half else 1) for t in header.graph.initializer)
-    return load_lazy(p) if widened > above else None
+    return load_lazy(p) if fp32_bytes(header) > above else None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -194,6 +192,14 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def fp32_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializers once 16-bit floats are widened to float32 (tensor by tensor): the one size rule that
+    decides between reading a model lazily and holding it, and between checking it whole or block by block. Works on
+    a header without values (:func:`permsparse.ir.header.load_structure`): sizes come from dims and types."""
+    half = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    return sum(nbytes(t) * (2 if t.data_type in half else 1) for t in model.graph.initializer)
+
+
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "FLOAT_TYPES",
@@ -202,6 +208,7 @@ __all__ = [
     "float_types",
     "load_model",
     "model_files",
+    "fp32_bytes",
     "model_size_bytes",
     "uses_external_data",
     "weight_values",

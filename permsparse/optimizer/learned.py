@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from permsparse.devices import resolve_device
 from permsparse.errors import PermsparseError
 from permsparse.optimizer.base import (
     PermutationProblem,
@@ -92,7 +93,8 @@ class LearnedConfig:
             output loss on all four units (qkv 0.1216 vs 0.1235, gate/up 0.1684 vs 0.1692, down 0.0896 vs 0.0902,
             o→v GQA 0.1044 vs 0.1060; LSA start 0.1265 / 0.1704 / 0.0916 / 0.1199).
         seed: seeds torch and the window draws.
-        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` (:func:`permsparse.devices.resolve_device`);
+            ``optimize`` sets it from its ``--device`` (default cpu).
         budget_s: wall-time limit for one solve (None: no limit); the best permutation so far is returned. With a
             budget, rounds continue (beyond ``rounds``) until it is spent.
         samples: Gumbel-perturbed Hungarian roundings of the cost matrices per evaluation, each scored exactly; every
@@ -143,12 +145,6 @@ class LearnedConfig:
                                   "out_rounds >= 1 are required")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def pick_window(block: int, window: int, m: int) -> int:
     """Largest multiple of m that divides ``block`` and is <= ``window`` (at least m)."""
     best = m
@@ -185,7 +181,7 @@ class LearnedMethod:
         if n >= m or k // m <= 1:
             return perm
 
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device, option="learned device")
         if cfg.objective == "output" and problem.outputs is not None:
             return self._solve_output(problem, init_perm, t0, t_init, deadline, device)
         torch.manual_seed(cfg.seed)

@@ -31,6 +31,8 @@ from permsparse.optimizer.methods import METHOD_FACTORIES
 from permsparse.pattern import NMPattern
 
 if TYPE_CHECKING:
+    import torch
+
     from permsparse.ir.shapes import ShapeSpec
     from permsparse.recover.config import RecoverConfig
 
@@ -51,7 +53,7 @@ DEFAULTS: Mapping[str, Any] = {
     "method": "lsa", "policy": "local", "importance": "wanda", "objective": "importance", "reconstruct": "sparsegpt",
     "finetune_epochs": 0, "finetune_lr": 1e-4, "block_steps": 30, "teacher": "dense", "damp": DEFAULT_DAMP,
     "mask": True, "prune_head": False, "calib_samples": 128, "calib_seq_len": 128, "seed": 0, "rtol": DEFAULT_RTOL,
-    "check": "auto", "cluster": "local", "evaluate": False, "progress": True,
+    "check": "auto", "cluster": "local", "evaluate": False, "progress": True, "device": "cpu",
 }
 #: Model-dependent defaults of text encoders (short texts: 32 of them under-determine H = XᵀX of a 1536-wide input;
 #: MiniLM, bench/quality.py: 128 texts and 4 epochs of tuning lift the pooled cosine 0.859 -> 0.905).
@@ -112,6 +114,9 @@ class OptimizeConfig:
         evaluate: after writing, measure plain N:M and the result against the dense input on held-out data
             (``--report``); default False.
         progress: progress bars; default True.
+        device: torch device of every torch stage (block calibration, Hessians, SparseGPT, block tuning, the
+            permutation learners): ``cpu``, ``cuda`` or ``auto`` (:data:`permsparse.devices.DEVICES`); default cpu.
+            onnxruntime steps (whole-model calibration, the fold check) stay on the CPU.
         recover: :class:`permsparse.recover.RecoverConfig`: distil the written model from the input (None: off).
     """
 
@@ -146,6 +151,7 @@ class OptimizeConfig:
     work_dir: str | None = None
     evaluate: bool | None = None
     progress: bool | None = None
+    device: str | None = None
     recover: RecoverConfig | None = None
 
     def resolved(self, facts: ModelFacts | None = None) -> ResolvedConfig:
@@ -250,6 +256,7 @@ OPTION_FIELDS: Mapping[str, tuple[str, str]] = {
     "finetune_epochs": ("reconstruction", "finetune_epochs"), "finetune_lr": ("reconstruction", "finetune_lr"),
     "rtol": ("check", "rtol"), "check": ("check", "mode"), "shapes": ("check", "shapes"),
     "seed": ("", "seed"), "evaluate": ("", "evaluate"), "progress": ("", "progress"), "recover": ("", "recover"),
+    "device": ("", "device"),
 }
 
 
@@ -260,6 +267,8 @@ class ResolvedConfig:
     Attributes:
         permutation / mask / calibration / reconstruction / check: the stage configs.
         seed: seed of every random choice.
+        device: torch device of the torch stages as the user named it (``cpu``, ``cuda``, ``auto``; see
+            :attr:`torch_device`).
         recover: the recovery stage's config (None: off).
         evaluate / progress: held-out evaluation after writing (``--report``); progress bars.
         notes: ``(level, message)`` of each model-dependent default that was applied, and why (the pipeline logs
@@ -272,10 +281,18 @@ class ResolvedConfig:
     reconstruction: ReconstructionConfig
     check: CheckConfig
     seed: int = 0
+    device: str = "cpu"
     recover: RecoverConfig | None = None
     evaluate: bool = False
     progress: bool = True
     notes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def torch_device(self) -> torch.device:
+        """:attr:`device` as a torch device (``auto``: cuda when torch sees one, else cpu)."""
+        from permsparse.devices import resolve_device
+
+        return resolve_device(self.device)
 
     @property
     def pattern(self) -> NMPattern:
@@ -351,7 +368,8 @@ def resolve(given: OptimizeConfig, facts: ModelFacts | None = None) -> ResolvedC
         reconstruction=ReconstructionConfig(v["reconstruct"], bool(v["sequential"]), v["damp"], v["teacher"],
                                             v["finetune_epochs"], v["finetune_lr"]),
         check=CheckConfig(v["rtol"], v["check"], v["shapes"]),
-        seed=v["seed"], recover=v["recover"], evaluate=v["evaluate"], progress=v["progress"], notes=tuple(notes),
+        seed=v["seed"], device=v["device"], recover=v["recover"], evaluate=v["evaluate"], progress=v["progress"],
+        notes=tuple(notes),
     )
 
 
@@ -368,6 +386,10 @@ def _validate(v: dict[str, Any], given: OptimizeConfig) -> None:
     _choice("reconstruct", v["reconstruct"], RECONSTRUCTIONS)
     _choice("teacher", v["teacher"], TEACHERS)
     _choice("check", v["check"], CHECKS)
+    if v["device"] != "cpu":  # the default never imports torch here
+        from permsparse.devices import resolve_device
+
+        resolve_device(v["device"])  # unknown name, or cuda without a GPU: UsageError now, before any work
     if v["cluster"] not in ("local", "auto") and not v["cluster"].startswith("ray://"):
         raise UsageError(f"--cluster {v['cluster']!r}: use local, auto (Ray) or ray://HOST:PORT (Ray client)")
     if v["finetune_epochs"] < 0 or not v["finetune_lr"] > 0 or not 0 <= v["damp"] < 1:

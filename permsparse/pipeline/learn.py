@@ -86,13 +86,13 @@ def calibrate(source: Source, plan: Plan, cfg: ResolvedConfig, weights: list[str
             "a time; use --importance magnitude (no calibration), or --check whole on a machine with more memory"
         )
     return block_input_norms(source.model, source.base_dir, bp, names, calibration_feeds(source.path, cfg),
-                             cfg.calibration.samples, cfg.progress)
+                             cfg.calibration.samples, cfg.progress, device=cfg.torch_device)
 
 
 def learn(analysis: Analysis, x_norms: dict[str, np.ndarray], cfg: ResolvedConfig, solver: Solver | None,
           units: UnitPlan | None = None) -> Learned:
     """Every unit's permutation on the importance objective (or the recipe's permutations)."""
-    from permsparse.pipeline.problems import solve_units
+    from permsparse.pipeline.problems import learned_config, solve_units
 
     plan, units = analysis.plan, units or analysis.units
     p = cfg.permutation
@@ -103,7 +103,7 @@ def learn(analysis: Analysis, x_norms: dict[str, np.ndarray], cfg: ResolvedConfi
         return masking_score(cfg.mask.importance, wk, x_norm=x_norms.get(plan.weights[name].input))
 
     perms, reports = solve_units(plan, units.units, const_index(analysis.graph), imp, method=p.method, seed=cfg.seed,
-                                 budget_s=p.budget_s, workers=p.workers, learned_config=p.learned,
+                                 budget_s=p.budget_s, workers=p.workers, learned_config=learned_config(cfg),
                                  progress=cfg.progress, solver=solver)
     return Learned(perms, reports, x_norms)
 

@@ -26,7 +26,7 @@ from permsparse.pattern import NMPattern
 
 if TYPE_CHECKING:
     from permsparse.optimizer.checkpoint import CheckpointStore
-    from permsparse.pipeline.config import PermutationConfig, ResolvedConfig
+    from permsparse.pipeline.config import ResolvedConfig
 
 log = logging.getLogger(__name__)
 
@@ -160,25 +160,27 @@ def solve_problems(plan: Plan, problems: list[tuple[Unit, tuple, object]], cfg: 
         kw = {"outputs": outputs} if outputs is not None else {}
         built.append(PermutationProblem(name=u.name, importances=mats, block=u.block, n=plan.n, m=plan.m, **kw))
     results = solve_all(built, p.method, workers=p.workers, seed=cfg.seed, budget_s=None,
-                        learned_config=_learned_config(p), progress=False, executor=solver.executor,
+                        learned_config=learned_config(cfg), progress=False, executor=solver.executor,
                         checkpoint=solver.checkpoint)
     perms = {u.name: np.asarray(r.perm) for (u, _, _), r in zip(problems, results)}
     reports = [UnitReport(u, r) for (u, _, _), r in zip(problems, results)]
     return perms, reports
 
 
-def _learned_config(p: PermutationConfig):
+def learned_config(cfg: ResolvedConfig):
+    """The :class:`~permsparse.optimizer.learned.LearnedConfig` of a ``--method learned`` run (None for the other
+    methods): the user's knobs (or the defaults), the output objective when asked, on ``--device``."""
     from dataclasses import replace
 
+    from permsparse.optimizer.learned import LearnedConfig
+
+    p = cfg.permutation
     if p.method != "learned":
         return None
-    if p.learned is not None:
-        return replace(p.learned, objective=p.objective) if p.objective == "output" else p.learned
+    learned = p.learned if p.learned is not None else LearnedConfig()
     if p.objective == "output":
-        from permsparse.optimizer.learned import LearnedConfig
-
-        return LearnedConfig(objective="output")
-    return None
+        learned = replace(learned, objective="output")
+    return replace(learned, device=cfg.device)
 
 
 def solve_units(

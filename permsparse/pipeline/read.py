@@ -22,9 +22,9 @@ from permsparse.ir.inputs import concrete_shapes, random_feeds
 from permsparse.ir.model import (
     check_input,
     file_sha256,
+    fp32_bytes,
     load_model,
     model_files,
-    model_size_bytes,
     uses_external_data,
 )
 from permsparse.ir.save import check_output
@@ -68,8 +68,7 @@ class Source:
         """Run the model whole on onnxruntime (fold check, calibration): ``--check whole``, or ``auto`` and the
         weights are at most :data:`WHOLE_CHECK_MAX_BYTES` (callers fall back to whole under ``auto`` when the model
         cannot be run block by block)."""
-        size = model_size_bytes(self.model) * (2 if self.half else 1)
-        return check.mode == "whole" or (check.mode == "auto" and size <= WHOLE_CHECK_MAX_BYTES)
+        return check.mode == "whole" or (check.mode == "auto" and fp32_bytes(self.model) <= WHOLE_CHECK_MAX_BYTES)
 
 
 @dataclass(frozen=True)

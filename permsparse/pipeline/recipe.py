@@ -63,7 +63,8 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
 #: permutations (the units would differ), so a different value given with the recipe is a usage error.
 STRUCTURAL_OPTIONS = ("policy", "pattern", "prune_head", "exclude")
 #: Options of the run, not of the result: never taken from a recipe (the replaying machine decides).
-RUNTIME_OPTIONS = ("workers", "cluster", "work_dir", "budget_s", "progress", "evaluate", "recipe_perms", "check")
+RUNTIME_OPTIONS = ("workers", "cluster", "work_dir", "budget_s", "progress", "evaluate", "recipe_perms", "check",
+                   "device")
 
 
 def replay_config(recipe: str | os.PathLike[str] | dict[str, Any], config: Any = None) -> Any:
@@ -116,7 +117,11 @@ def replay_config(recipe: str | os.PathLike[str] | dict[str, Any], config: Any =
         v = getattr(given, f.name)
         if v is not None and f.name != "recipe_perms":
             opts[f.name] = v
-    opts["recipe_perms"] = {str(k): v for k, v in doc["units"].items()}
+    units = doc.get("units")
+    if not isinstance(units, dict):
+        raise PermsparseError(f"--recipe {where}: it has no 'units' object (the permutation of each unit); give a "
+                              "recipe.json written by permsparse optimize")
+    opts["recipe_perms"] = {str(k): v for k, v in units.items()}
     return replace(OptimizeConfig(), **opts)
 
 

@@ -7,7 +7,8 @@
     permsparse.recover("model.sparse.onnx", "model.onnx", "model.recovered.onnx", RecoverConfig(steps=200))
 
 The student (the sparse ONNX) runs in PyTorch through the project's graph evaluator (:mod:`permsparse.torchgraph`)
-as a whole model, block by block with activation checkpointing (:mod:`.model`); the kept weights of the pruned
+as a whole model, block by block (with activation checkpointing when the student trains over 20 M values:
+``RecoverConfig.checkpoint``; :mod:`.model`), on ``device`` (:mod:`permsparse.devices`); the kept weights of the pruned
 MatMuls (masked), biases and norm parameters — or only the biases and norms (``params="norms"``, PERP) — are trained
 with AdamW against the teacher (:mod:`.train`); the best held-out weights are written back into the same graph in
 the model's own dtype (:mod:`.write`).
@@ -170,11 +171,15 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     _trim()
     _check_same_model(s_pieces, t_pieces, weights, data.stop[0], device, run_pieces)
     fp = fingerprint(src.stat().st_size, src.stat().st_mtime_ns, teacher_path.stat().st_size, data.sha256,
-                     {k: v for k, v in vars(cfg).items() if k not in ("progress", "work_dir", "device")},
+                     {k: v for k, v in vars(cfg).items() if k not in ("progress", "work_dir", "device", "checkpoint")},
                      "kept-entries")  # checkpoints hold masked weights as their kept entries
     n_masked = len(trainable.masked)
     n_values = int(sum(int(np.asarray(v[1]).sum()) for v in trainable.masked.values())
                    + sum(v.size for v in trainable.free.values()))
+    if cfg.checkpoint is None:  # recomputation only where the activations would weigh
+        from permsparse.recover.config import CHECKPOINT_ABOVE_VALUES
+
+        cfg = replace(cfg, checkpoint=n_values > CHECKPOINT_ABOVE_VALUES)
     t0 = time.perf_counter()
     with work_dir(dst.parent, "recover") as tmp:
         work = Path(cfg.work_dir) if cfg.work_dir else tmp

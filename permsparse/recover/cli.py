@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from permsparse.recover.config import DEVICES, RECOVER_PARAMS
+from permsparse.devices import DEVICES
+from permsparse.recover.config import RECOVER_PARAMS
 
 
 def add_recover_options(p: argparse.ArgumentParser, *, verb: bool) -> None:
@@ -20,10 +21,11 @@ def add_recover_options(p: argparse.ArgumentParser, *, verb: bool) -> None:
     p.add_argument("--recover-params", choices=RECOVER_PARAMS, default=None,
                    help="all: kept weights + biases + norms (default); norms: only norms and biases (PERP)")
     p.add_argument("--recover-lr", type=float, default=None, metavar="LR",
-                   help="AdamW peak learning rate of recovery (default by model kind: 5e-5 all, 1e-3 norms; "
-                        "see permsparse.recover.config.DEFAULT_LR)")
+                   help="AdamW peak learning rate of recovery (default by model kind and --recover-params: "
+                        "decoders 1e-4, encoders 2e-4 with all; 1e-3 with norms; permsparse.recover.config.DEFAULT_LR)")
     if verb:
-        p.add_argument("--device", choices=DEVICES, default=None, help="torch device (default cpu)")
+        p.add_argument("--device", choices=DEVICES, default=None,
+                       help="torch device: cpu (default), cuda, or auto (cuda when torch sees one)")
 
 
 def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None],

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from permsparse.devices import DEVICES
 from permsparse.errors import UsageError
 
 RECOVER_PARAMS = ("all", "norms")
-DEVICES = ("cpu", "cuda", "auto")
 
 #: the one source of every default
 DEFAULTS = dict(
     steps=None, minutes=None, params="all", lr=None, device="cpu", calib=None, tokenizer=None, work_dir=None,
     batch_size=4, seq_len=128, stop_samples=16, eval_every=None, warmup=0.05, weight_decay=0.0, hidden_weight=1.0,
-    top_k=64, seed=0, progress=True, max_windows=4096,
+    top_k=64, seed=0, progress=True, max_windows=4096, checkpoint=None,
 )
 DEFAULT_STEPS = 100  # when neither steps nor minutes is given
+#: ``checkpoint=None`` (auto) checkpoints the blocks' activations when the student trains more values than this:
+#: small models (all-MiniLM-L6-v2: 5.3 M kept values) skip the recomputation, which costs ~20 % of a step, and their
+#: activations are small; SmolLM2-135M (53 M) keeps checkpointing (its 4 GB memory goal).
+CHECKPOINT_ABOVE_VALUES = 20_000_000
 #: AdamW peak learning rate per model kind and --recover-params (measured: bench/results/recovery-minilm.md)
 #: Peak AdamW learning rates. Encoders: 2e-4 — on all-MiniLM-L6-v2, 10 minutes of recovery (~1,100 steps) reach an
 #: out-of-domain pooled cosine of 0.905 (2e-4) and 0.907 (5e-4) where 5e-5 reached 0.861 in 564 steps
-#: (bench/results/recovery-minilm.md). Decoders: 5e-5 (SmolLM2-135M, bench/results/recovery-smollm2.md).
-DEFAULT_LR = {"decoder": {"all": 5e-5, "norms": 1e-3}, "encoder": {"all": 2e-4, "norms": 1e-3}}
+#: (bench/results/recovery-minilm.md). Decoders: 1e-4 — SmolLM2-135M from the one-shot defaults, 30 minutes
+#: (279 steps) reach 2.02x / 1.89x dense perplexity (Wikipedia / out of domain) where 5e-5 needed 360 steps for
+#: 2.08x / 1.94x (bench/results/recovery-smollm2.md).
+DEFAULT_LR = {"decoder": {"all": 1e-4, "norms": 1e-3}, "encoder": {"all": 2e-4, "norms": 1e-3}}
 
 
 def default_lr(kind: str, params: str) -> float:
@@ -51,6 +57,7 @@ class RecoverConfig:
     seed: int | None = None
     progress: bool | None = None  # one tqdm bar (default True)
     max_windows: int | None = None  # training sequences read at most (default 4096; they are cycled)
+    checkpoint: bool | None = None  # activation checkpointing per block (None: above CHECKPOINT_ABOVE_VALUES)
 
     def resolved(self) -> RecoverConfig:
         """Every field filled, values checked (:class:`UsageError` naming the option)."""
@@ -82,4 +89,5 @@ class RecoverConfig:
         return None if self.minutes is None else float(self.minutes) * 60.0
 
 
-__all__ = ["DEFAULTS", "DEFAULT_LR", "DEVICES", "RECOVER_PARAMS", "RecoverConfig", "default_lr"]
+__all__ = ["CHECKPOINT_ABOVE_VALUES", "DEFAULTS", "DEFAULT_LR", "DEVICES", "RECOVER_PARAMS", "RecoverConfig",
+           "default_lr"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,12 +30,10 @@ def recover_output(src: Path, dst: Path, cfg: ResolvedConfig) -> dict:
     from permsparse.recover.config import RecoverConfig
 
     rc = cfg.recover if isinstance(cfg.recover, RecoverConfig) else RecoverConfig(**dict(cfg.recover))
-    if rc.calib is None and cfg.calibration.source is not None:
-        rc = RecoverConfig(**{**vars(rc), "calib": cfg.calibration.source})
-    if rc.tokenizer is None and cfg.calibration.tokenizer is not None:
-        rc = RecoverConfig(**{**vars(rc), "tokenizer": cfg.calibration.tokenizer})
-    if rc.progress is None:
-        rc = RecoverConfig(**{**vars(rc), "progress": cfg.progress})
+    # what recovery does not say it takes from optimize's own options (text, tokenizer, progress bars, --device)
+    inherited = {"calib": cfg.calibration.source, "tokenizer": cfg.calibration.tokenizer, "progress": cfg.progress,
+                 "device": cfg.device}
+    rc = replace(rc, **{k: v for k, v in inherited.items() if getattr(rc, k) is None and v is not None})
     with work_dir(dst.parent, "recover-out") as tmp:
         out = tmp / dst.name
         res = recover(dst, src, out, rc)

@@ -1,7 +1,8 @@
 """The recovery loop: whole-model distillation of the sparse student from the dense teacher, masks frozen.
 
-Each step runs the student on one batch — prefix, then every block under activation checkpointing
-(``torch.utils.checkpoint``, so only block boundaries are kept between forward and backward), then the suffix — and
+Each step runs the student on one batch — prefix, then every block (under activation checkpointing,
+``torch.utils.checkpoint``, when the model is big enough for its activations to weigh: only block boundaries are then
+kept between forward and backward; see ``RecoverConfig.checkpoint``), then the suffix — and
 minimizes
 
 - decoders: KL(teacher ‖ student) of the next-token distributions over the teacher's top-k tokens plus one bucket for
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from permsparse.devices import resolve_device
 from permsparse.errors import PermsparseError
 from permsparse.recover.model import Pieces, Trainable
 
@@ -68,14 +70,6 @@ class TrainResult:
     heldout_best: float = float("nan")
     seconds: float = 0.0
     resumed_from: int = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PermsparseError("--device cuda: no CUDA device is available to torch here; use --device cpu or auto")
-    return torch.device(name)
 
 
 def lr_factor(frac: float, warmup: float) -> float:
@@ -262,7 +256,7 @@ class Recovery:
 
     def loss(self, feed: dict[str, np.ndarray], target: dict[str, torch.Tensor]) -> torch.Tensor:
         tfeed = _to(feed, self.device)
-        outs, hidden = run_pieces(self.student, tfeed, self.weights, checkpoint=True)
+        outs, hidden = run_pieces(self.student, tfeed, self.weights, checkpoint=bool(self.cfg.checkpoint))
         self.student.release()
         ht = target["hidden"].to(self.device, torch.float32)
         block = sum(((h.float() - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12) for h, t in zip(hidden, ht))

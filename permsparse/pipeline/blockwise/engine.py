@@ -104,6 +104,7 @@ class Engine:
         self.units = units
         self.unit_of: dict[str, Unit] = {w: u for u in units for w in u.weights}
         self.upcast = half_weights(model)
+        self.device = cfg.torch_device  # every tensor of the loop lives there (--device); numpy results come back
 
     # ------------------------------------------------------------------------------------------------ programs
 
@@ -111,7 +112,7 @@ class Engine:
         from permsparse.torchgraph import GraphProgram, ProgramConfig
 
         return GraphProgram.from_model(self.model, inputs=inputs, outputs=outputs, base_dir=self.base_dir,
-                                       config=ProgramConfig(upcast=self.upcast))
+                                       config=ProgramConfig(upcast=self.upcast, device=str(self.device)))
 
     def prepare(self, feeds: list[dict[str, np.ndarray]]) -> CalibState:
         """Run the prefix (embeddings, masks, RoPE) once per batch: the first stream tensor and the side tensors."""
@@ -123,7 +124,8 @@ class Engine:
                 out = prefix.run({k: feed[k] for k in inputs})
             first = out[self.bp.first].float()
             mask = feed.get("attention_mask")
-            m = None if mask is None or np.ndim(mask) != 2 else torch.as_tensor(np.asarray(mask) != 0)
+            m = None if mask is None or np.ndim(mask) != 2 else \
+                torch.as_tensor(np.asarray(mask) != 0, device=self.device)
             state.batches.append(Batch({k: out[k] for k in self.bp.side}, first, first, m))
         return state
 
@@ -136,7 +138,7 @@ class Engine:
 
     def stored_tensor(self, name: str, wk: np.ndarray) -> torch.Tensor:
         w = self.plan.weights[name]
-        return torch.as_tensor(np.ascontiguousarray(w.stored(wk)), dtype=torch.float32)
+        return torch.as_tensor(np.ascontiguousarray(w.stored(wk)), dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -181,7 +183,7 @@ class Engine:
             log.warning("the block-wise checkpoint does not fit this run; starting from the first block")
             return 0
         for (sparse, dense), b in zip(saved.streams, state.batches):
-            b.sparse, b.dense = sparse, dense
+            b.sparse, b.dense = sparse.to(self.device), dense.to(self.device)
         for name, path in saved.weights.items():
             self.store.put(name, np.load(path, allow_pickle=False))
         result.perms.update(saved.perms)
@@ -303,7 +305,8 @@ class Engine:
         pcfg = PermLLMConfig(steps=cfg.permutation.block_steps)
         return learn_block_perms(prog, block, state, targets, self.plan, units, p0, wk, scores, fixed,
                                  lambda u, p, w: weight_row_perm(self.plan, u, p, w),
-                                 lambda u, w: row_map(self.plan, u, w), pcfg, cfg.seed + block.index)
+                                 lambda u, w: row_map(self.plan, u, w), pcfg, cfg.seed + block.index,
+                                 device=self.device)
 
     @property
     def mask_score(self) -> str:
@@ -315,7 +318,8 @@ class Engine:
         if self.cfg.reconstruction.method == "sparsegpt" and h is not None:
             from permsparse.optimizer.sparsegpt import sparsegpt_nm
 
-            res = sparsegpt_nm(wk, h, n, m, perm=sigma, damp=self.cfg.reconstruction.damp, compute_error=False)
+            res = sparsegpt_nm(wk, h, n, m, perm=sigma, damp=self.cfg.reconstruction.damp, compute_error=False,
+                               device=self.device)
             return np.asarray(res.weight, dtype=np.float32), np.asarray(res.mask, dtype=bool)
         imp = score(self.cfg.mask.importance, wk, h, self.cfg.reconstruction.damp)
         order = np.arange(wk.shape[0]) if sigma is None else sigma

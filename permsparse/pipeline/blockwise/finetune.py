@@ -54,8 +54,9 @@ def finetune(
     err_before: float,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Tuned ``[K, N]`` weights (masked) and the block's relative error with them."""
-    params = {w: torch.tensor(np.asarray(eff[w]), dtype=torch.float32, requires_grad=True) for w in eff}
-    keep = {w: torch.as_tensor(np.asarray(masks[w]), dtype=torch.float32) for w in eff}
+    dev = cfg.torch_device
+    params = {w: torch.tensor(np.asarray(eff[w]), dtype=torch.float32, device=dev, requires_grad=True) for w in eff}
+    keep = {w: torch.as_tensor(np.asarray(masks[w]), dtype=torch.float32, device=dev) for w in eff}
     opt = torch.optim.Adam(list(params.values()), lr=cfg.reconstruction.finetune_lr)
     gen = torch.Generator().manual_seed(cfg.seed + block.index)
     scales = [float((y**2).mean()) or 1.0 for y in targets]
@@ -71,8 +72,8 @@ def finetune(
             loss.backward()
             opt.step()
             sched.step()
-    tuned = {w: (p.detach() * keep[w]).numpy() for w, p in params.items()}
-    overrides = {plan.weights[w].const: _stored(plan, w, torch.as_tensor(v)) for w, v in tuned.items()}
+    tuned = {w: (p.detach() * keep[w]).cpu().numpy() for w, p in params.items()}
+    overrides = {plan.weights[w].const: _stored(plan, w, torch.as_tensor(v, device=dev)) for w, v in tuned.items()}
     err = block_error(prog, block, state, overrides, targets)
     if not err < err_before:
         log.info("block %d: tuning did not lower the error (%.4g >= %.4g); keeping the reconstruction",

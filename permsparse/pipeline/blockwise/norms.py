@@ -31,13 +31,16 @@ log = logging.getLogger(__name__)
 def block_input_norms(
     model: onnx.ModelProto, base_dir: Path, bp: BlockPlan, names: list[str],
     feeds: Iterable[Mapping[str, np.ndarray]], samples: int, progress: bool | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, np.ndarray]:
-    """``{name: ‖X‖₂ per channel}`` of the tensors ``names`` over ``samples`` calibration examples of ``feeds``."""
+    """``{name: ‖X‖₂ per channel}`` of the tensors ``names`` over ``samples`` calibration examples of ``feeds``,
+    the pieces run on torch ``device``."""
     from tqdm.auto import tqdm
 
     from permsparse.torchgraph import GraphProgram, ProgramConfig
 
-    config = ProgramConfig(upcast=half_weights(model))
+    dev = torch.device(device)
+    config = ProgramConfig(upcast=half_weights(model), device=str(dev))
     inputs = graph_inputs(model)
     (_, _, prefix_outs), *pieces = bp.pieces(inputs, [o.name for o in model.graph.output])
 
@@ -57,8 +60,8 @@ def block_input_norms(
             feed = {k: v[: samples - taken] if v.ndim >= 1 else v for k, v in feed.items()}
             b = samples - taken
         mask = feed.get("attention_mask")
-        acc.mask = torch.as_tensor(mask != 0) if mask is not None and mask.ndim == 2 else None
-        env = {k: torch.as_tensor(feed[k]) for k in inputs}
+        acc.mask = torch.as_tensor(mask != 0, device=dev) if mask is not None and mask.ndim == 2 else None
+        env = {k: _on(torch.as_tensor(feed[k]), dev) for k in inputs}
         for k, v in env.items():
             acc.observe(k, v)
         with torch.no_grad():
@@ -95,6 +98,11 @@ def block_input_norms(
     log.info("calibration (block by block): %d examples, %d tensors, %d tokens", taken, len(names),
              next(iter(acc.count.values())))
     return {k: np.sqrt(v) for k, v in acc.numpy().items()}
+
+
+def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Float data on ``dev``; integer inputs (token ids, shapes) stay on the CPU, where the programs read them."""
+    return t.to(dev) if t.is_floating_point() else t
 
 
 __all__ = ["block_input_norms"]

@@ -50,8 +50,8 @@ class PermLLMConfig:
 
 def _hungarian(cost: torch.Tensor) -> torch.Tensor:
     """One-hot hard permutations ``[W, w, w]`` maximizing the summed cost of each window (:func:`relax.hungarian`)."""
-    sigma = hungarian(cost.detach().numpy())
-    return torch.nn.functional.one_hot(torch.as_tensor(sigma), cost.shape[-1]).to(torch.float32)
+    sigma = hungarian(cost.detach().cpu().numpy())
+    return torch.nn.functional.one_hot(torch.as_tensor(sigma, device=cost.device), cost.shape[-1]).to(torch.float32)
 
 
 @dataclass
@@ -71,12 +71,16 @@ def learn_block_perms(
     prog: Any, block: Block, state: CalibState, targets: list[torch.Tensor], plan: Plan, units: list[Unit],
     p0: Mapping[str, np.ndarray], wk: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray],
     fixed: Mapping[str, np.ndarray], row_perm, row_map, pcfg: PermLLMConfig, seed: int,
+    device: torch.device | str = "cpu",
 ) -> dict[str, np.ndarray]:
     """Refined canonical permutations for ``units`` (see the module docstring).
 
     ``fixed``: effective ``[K, N]`` weights of the block's pruned weights that belong to no unit here.
     ``row_perm(unit, perm, weight)`` and ``row_map(unit, weight)`` map canonical permutations to weight rows.
+    ``device``: where the costs and weights live (the random start is drawn on the CPU, so it is the same on any
+    device).
     """
+    dev = torch.device(device)
     n, m = plan.pattern.n, plan.pattern.m
     gen = torch.Generator().manual_seed(seed)
     costs: dict[str, torch.Tensor] = {}
@@ -89,20 +93,22 @@ def learn_block_perms(
         wsize[u.name] = ws
         nwin = u.k // ws
         eye = torch.eye(ws).expand(nwin, ws, ws)
-        costs[u.name] = (4.0 * eye + 0.01 * torch.randn((nwin, ws, ws), generator=gen)).clone().requires_grad_(True)
+        start = 4.0 * eye + 0.01 * torch.randn((nwin, ws, ws), generator=gen)
+        costs[u.name] = start.to(dev).clone().requires_grad_(True)
         mems = []
         for w in u.weights:
             info = plan.weights[w]
             sigma0 = row_perm(u, p0[u.name], w)
             rm = row_map(u, w)
             canon = np.arange(info.k) if rm is None else rm
-            win_ids = torch.as_tensor(canon[::ws] // ws, dtype=torch.long)
-            mems.append(_Member(w, info.const, info.k_axis, torch.as_tensor(wk[w][sigma0]),
-                                torch.as_tensor(scores[w][sigma0]), sigma0, win_ids))
+            win_ids = torch.as_tensor(canon[::ws] // ws, dtype=torch.long, device=dev)
+            mems.append(_Member(w, info.const, info.k_axis, torch.as_tensor(wk[w][sigma0], device=dev),
+                                torch.as_tensor(scores[w][sigma0], device=dev), sigma0, win_ids))
         members[u.name] = mems
     opt = torch.optim.AdamW(list(costs.values()), lr=pcfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, pcfg.steps))
-    fixed_t = {plan.weights[w].const: _stored(plan.weights[w].k_axis, torch.as_tensor(v)) for w, v in fixed.items()}
+    fixed_t = {plan.weights[w].const: _stored(plan.weights[w].k_axis, torch.as_tensor(v, device=dev))
+               for w, v in fixed.items()}
 
     def overrides(hard_only: bool, tau: float) -> dict[str, torch.Tensor]:
         out = dict(fixed_t)
@@ -130,7 +136,7 @@ def learn_block_perms(
                 eff_p = (mask.reshape(k, ncol) * wp).reshape(-1, ws, ncol)
                 eff0 = torch.bmm(pw.transpose(1, 2), eff_p).reshape(k, ncol)  # back to the p0 order
                 eff = torch.empty_like(eff0)
-                eff[torch.as_tensor(mem.sigma0)] = eff0
+                eff[torch.as_tensor(mem.sigma0, device=dev)] = eff0
                 out[mem.const] = _stored(mem.k_axis, eff)
         return out
 
@@ -160,7 +166,7 @@ def learn_block_perms(
     out = {}
     for u in units:
         ws = wsize[u.name]
-        hard = best[u.name].numpy()
+        hard = best[u.name].cpu().numpy()
         local = hard.argmax(axis=-1)  # new row i of window takes old row local[i]
         q = (np.arange(u.k // ws)[:, None] * ws + local).reshape(-1)
         out[u.name] = np.asarray(p0[u.name])[q]

@@ -149,7 +149,8 @@ class BlockCheckpoint:
             _atomic_write(path, lambda f, a=arr: np.save(f, np.ascontiguousarray(a), allow_pickle=False))
             digests[name] = file_sha256(path)
         stream = self.root / f"stream-{done}.pt"
-        _atomic_write(stream, lambda f: torch.save([(s.contiguous(), d.contiguous()) for s, d in streams], f))
+        _atomic_write(stream, lambda f: torch.save([(s.cpu().contiguous(), d.cpu().contiguous()) for s, d in streams],
+                                                   f))
         info = {"format": FORMAT, "key": self.key, "done": done, "stream": stream.name,
                 "stream_sha256": file_sha256(stream), "weights": digests,
                 "perms": {k: np.asarray(v, dtype=np.int64).tolist() for k, v in perms.items()},

@@ -87,4 +87,4 @@ class HessianSet:
         self.count[name] = self.count.get(name, 0) + rows.shape[0]
 
     def numpy(self) -> Mapping[str, np.ndarray]:
-        return {k: v.numpy() for k, v in self.h.items()}
+        return {k: v.cpu().numpy() for k, v in self.h.items()}

@@ -6,8 +6,8 @@ one list of names. A new backend: add ``backends/<name>.py`` with a ``@register_
 it below.
 """
 
+from permsparse.devices import DEVICES
 from permsparse.runtime.backends.base import (
-    DEVICES,
     BenchConfig,
     Runner,
     backend_names,

@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Where the torch backend computes: "cpu" (default when no GPU), "cuda", or "auto" (cuda when available).
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-
 
 @dataclass(frozen=True)
 class BenchConfig:

@@ -10,9 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from permsparse.errors import PermsparseError
 from permsparse.runtime.backends.base import (
-    DEVICES,
     BenchConfig,
     Runner,
     register_backend,
@@ -20,20 +18,11 @@ from permsparse.runtime.backends.base import (
 
 
 def resolve_device(device: str | None) -> str:
-    """``auto``/None → cuda when torch sees a GPU, else cpu; ``cuda`` without a GPU is a clear error."""
-    device = device or "auto"
-    if device not in DEVICES:
-        raise PermsparseError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
-    import torch
+    """``auto``/None → cuda when torch sees a GPU, else cpu; ``cuda`` without a GPU is a clear error
+    (:func:`permsparse.devices.resolve_device` with ``auto`` as the default)."""
+    from permsparse.devices import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PermsparseError(
-            "the torch backend was asked for --device cuda but torch.cuda.is_available() is False; "
-            "use --device cpu (dense kernels) or run on a machine with a CUDA GPU"
-        )
-    return device
+    return resolve(device, default="auto").type
 
 
 @register_backend("torch", "the whole model on permsparse's torch evaluator: 2:4 kernels on CUDA, dense on CPU")
