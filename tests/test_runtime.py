@@ -573,7 +573,7 @@ def test_torch_backend_cpu(models: dict[str, Path], capsys: pytest.CaptureFixtur
 
     out = json.loads(capsys.readouterr().out)
     assert out["backend"] == "torch" and out["rows"][0]["sparse"]["n"] == 2
-    with pytest.raises(PermsparseError, match="unknown device"):
+    with pytest.raises(PermsparseError, match="is not one of: cpu, cuda, auto"):
         run_bench(models["sparse"], models["dense"], BenchConfig(backend="torch", device="tpu"))
 
 
