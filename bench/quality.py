@@ -89,6 +89,7 @@ class Prepared:
     hf_dir: Path | None
     metric: str
     feeds: dict[str, list]  # held-out set -> feeds (DOMAINS for text models, "images" for the ViT)
+    dense_vals: dict[str, float] | None = None  # the dense model's metric per set, measured once (dense_values)
 
 
 def prepare(name: str, work: Path, args) -> Prepared:
@@ -158,7 +159,7 @@ def run_rows(p: Prepared, rows: list[str], work: Path, args) -> list[list]:
             opts["recover"] = RecoverConfig(**opts["recover"], progress=False)
         cfg = OptimizeConfig(**opts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq, progress=False)
         # (None: the model's own calibration defaults, as a user gets them)
-        if p.name == "vit" and cfg.resolved().importance != "magnitude":
+        if p.name == "vit" and cfg.resolved().mask.importance != "magnitude":
             cfg = OptimizeConfig(**{**opts, "importance": "magnitude"}, progress=False)
         dst = work / p.name / f"{label}.onnx"
         t = time.perf_counter()
@@ -210,10 +211,12 @@ def run_peers(p: Prepared, work: Path, args) -> list[list]:
 
 
 def dense_values(p: Prepared) -> dict[str, float]:
-    """The dense model's metric per held-out set (perplexity; 1.0 for the cosines)."""
-    if p.metric != "ppl":
-        return {d: 1.0 for d in p.feeds}
-    return {d: drift["ppl_dense"] for d, drift in measure(p, p.dense).items()}
+    """The dense model's metric per held-out set (perplexity; 1.0 for the cosines), measured on first use only (the
+    rows and the peers share it)."""
+    if p.dense_vals is None:
+        p.dense_vals = ({d: 1.0 for d in p.feeds} if p.metric != "ppl" else
+                        {d: drift["ppl_dense"] for d, drift in measure(p, p.dense).items()})
+    return p.dense_vals
 
 
 def _fmt(v: float) -> str:

@@ -93,42 +93,26 @@ def main() -> None:
 
 def plot(log: Path, png: Path) -> Path:
     """Held-out perplexity vs recovery minutes (in-domain and out-of-domain), dense as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = _rows(log)
     dense = next((r for r in rows if r["row"] == "dense"), None)
     pts = sorted((r for r in rows if r["minutes"] is not None), key=lambda r: r["minutes"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for d, c in (("wiki", "tab:blue"), (corpus.OUT_OF_DOMAIN, "tab:red")):
+    fig, ax = _axes((6, 4))
+    for d, c in DOMAIN_COLORS:
         ax.plot([r["minutes"] for r in pts], [r[d] for r in pts], "o-", color=c, label=f"recovered, {d} held-out")
         if dense is not None:
             ax.axhline(dense[d], color=c, ls="--", lw=1, label=f"dense, {d}")
-    ax.set_xlabel("recovery minutes (wall clock, contended 2-core CPU)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M 2:4: recovery from the one-shot defaults")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    return png
+    return _save(fig, ax, "recovery minutes (wall clock, contended 2-core CPU)",
+                 "SmolLM2-135M 2:4: recovery from the one-shot defaults", png)
 
 
 def plot_steps(png: Path, logs: list[Path]) -> Path:
     """Held-out perplexity (both domains) vs cumulative recovery steps, one line pair per log (its learning rate in
     the label): compares runs whose wall clocks are not comparable (a shared machine). A log's rows are its chained
     runs; a run's point is at the cumulative steps it ended with, the one-shot input at 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _axes((6.5, 4))
     dense = None
     for log, ls in zip(logs, ("o-", "s--", "^-.", "d:")):
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = _rows(log)
         dense = next((r for r in rows if r["row"] == "dense"), dense)
         base = next((r for r in rows if r.get("minutes") == 0.0), None)
         runs = [r for r in rows if r.get("steps") and r["row"] not in ("dense",)]
@@ -137,15 +121,37 @@ def plot_steps(png: Path, logs: list[Path]) -> Path:
             total = r.get("total_steps") or r.get("cumulative_steps") or total + r["steps"]
             pts.append((total, r))
         lr = next((r["lr"] for r in runs if r.get("lr")), None)
-        for d, c in (("wiki", "tab:blue"), (corpus.OUT_OF_DOMAIN, "tab:red")):
+        for d, c in DOMAIN_COLORS:
             ax.plot([x for x, _ in pts], [r[d] for _, r in pts], ls, color=c, label=f"lr {lr:g}, {d}")
     if dense is not None:
-        for d, c in (("wiki", "tab:blue"), (corpus.OUT_OF_DOMAIN, "tab:red")):
+        for d, c in DOMAIN_COLORS:
             ax.axhline(dense[d], color=c, ls=":", lw=1, label=f"dense, {d}")
-    ax.set_xlabel("recovery steps (4 x 128 tokens each)")
+    return _save(fig, ax, "recovery steps (4 x 128 tokens each)", "SmolLM2-135M 2:4: recovery by learning rate", png)
+
+
+#: the held-out sets and their colours in every plot
+DOMAIN_COLORS = (("wiki", "tab:blue"), (corpus.OUT_OF_DOMAIN, "tab:red"))
+
+
+def _rows(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def _axes(size: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def _save(fig, ax, xlabel: str, title: str, png: Path) -> Path:
+    """The plots' common finish: perplexity on a log axis, legend, written to ``png``."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M 2:4: recovery by learning rate")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)

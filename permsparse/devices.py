@@ -8,7 +8,8 @@ when a device is resolved).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from permsparse.errors import UsageError
 
@@ -37,4 +38,18 @@ def resolve_device(name: str | None, *, default: str = "cpu", option: str = "--d
     return torch.device(name)
 
 
-__all__ = ["DEVICES", "resolve_device"]
+def feed_to_device(feed: Mapping[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A feed (numpy arrays or tensors) as torch tensors: float data on ``device``; integer inputs (token ids,
+    masks, shapes) stay on the CPU, where the graph programs read them (:mod:`permsparse.torchgraph` moves what it
+    computes with)."""
+    import numpy as np
+    import torch
+
+    out = {}
+    for k, v in feed.items():
+        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+        out[k] = t.to(device) if t.is_floating_point() else t
+    return out
+
+
+__all__ = ["DEVICES", "feed_to_device", "resolve_device"]

@@ -210,12 +210,12 @@ def _check_same_model(student, teacher, weights, feed, device, run_pieces) -> No
     import torch
 
     from permsparse.errors import PermsparseError
-    from permsparse.recover.train import _to
+    from permsparse.devices import feed_to_device
 
     if not student.blocks:
         return  # one piece only: nothing block-free to compare (the inputs and outputs were compared)
     with torch.no_grad():
-        tfeed = _to(feed, device)
+        tfeed = feed_to_device(feed, device)
         name = student.prefix.outputs[0]
         a = student.prefix.program.run({k: tfeed[k] for k in student.prefix.inputs},
                                         overrides=weights.materialize(student.prefix.params) or None)[name].float()

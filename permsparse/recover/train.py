@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from permsparse.devices import resolve_device
+from permsparse.devices import feed_to_device, resolve_device
 from permsparse.errors import PermsparseError
 from permsparse.recover.model import Pieces, Trainable
 
@@ -138,14 +138,6 @@ class MaskedAdamW:
         self.opt.zero_grad(set_to_none=True)
 
 
-def _to(feed: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in feed.items():
-        t = torch.as_tensor(np.asarray(v))
-        out[k] = t.to(device) if t.is_floating_point() else t
-    return out
-
-
 def run_pieces(pieces: Pieces, feed: dict[str, torch.Tensor], overrides: StudentWeights | dict[str, torch.Tensor],
                checkpoint: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Graph outputs and the output of every block (prefix → blocks → suffix). ``overrides``: the student's
@@ -224,7 +216,7 @@ class Recovery:
 
     def _teacher_outputs(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            outs, hidden = run_pieces(self.teacher, _to(feed, self.device), {}, checkpoint=False)
+            outs, hidden = run_pieces(self.teacher, feed_to_device(feed, self.device), {}, checkpoint=False)
         self.teacher.release()  # every constant is cached now
         rec: dict[str, torch.Tensor] = {
             "hidden": torch.stack([h.float() for h in hidden]).half().cpu() if hidden else torch.zeros(0)}
@@ -255,7 +247,7 @@ class Recovery:
     # ------------------------------------------------------------------------------------------------ loss
 
     def loss(self, feed: dict[str, np.ndarray], target: dict[str, torch.Tensor]) -> torch.Tensor:
-        tfeed = _to(feed, self.device)
+        tfeed = feed_to_device(feed, self.device)
         outs, hidden = run_pieces(self.student, tfeed, self.weights, checkpoint=bool(self.cfg.checkpoint))
         self.student.release()
         ht = target["hidden"].to(self.device, torch.float32)
@@ -291,7 +283,7 @@ class Recovery:
                 for rec in self._stop_teacher:
                     rec.pop("hidden")
             for j, feed in enumerate(self.data.stop):
-                tfeed = _to(feed, self.device)
+                tfeed = feed_to_device(feed, self.device)
                 outs, _ = run_pieces(self.student, tfeed, self.weights, checkpoint=False)
                 target = self._stop_teacher[j]
                 if self.decoder:

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 
+from permsparse.devices import feed_to_device
 from permsparse.errors import PermsparseError
 from permsparse.passes.blocks import BlockPlan
 from permsparse.pipeline.blockwise.state import HessianSet, graph_inputs, half_weights
@@ -61,7 +62,7 @@ def block_input_norms(
             b = samples - taken
         mask = feed.get("attention_mask")
         acc.mask = torch.as_tensor(mask != 0, device=dev) if mask is not None and mask.ndim == 2 else None
-        env = {k: _on(torch.as_tensor(feed[k]), dev) for k in inputs}
+        env = feed_to_device({k: feed[k] for k in inputs}, dev)
         for k, v in env.items():
             acc.observe(k, v)
         with torch.no_grad():
@@ -98,11 +99,6 @@ def block_input_norms(
     log.info("calibration (block by block): %d examples, %d tensors, %d tokens", taken, len(names),
              next(iter(acc.count.values())))
     return {k: np.sqrt(v) for k, v in acc.numpy().items()}
-
-
-def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """Float data on ``dev``; integer inputs (token ids, shapes) stay on the CPU, where the programs read them."""
-    return t.to(dev) if t.is_floating_point() else t
 
 
 __all__ = ["block_input_norms"]
