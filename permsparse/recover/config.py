@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from permsparse.devices import DEVICES
+from permsparse.devices import DEVICES, PRECISIONS
 from permsparse.errors import UsageError
 
 RECOVER_PARAMS = ("all", "norms")
@@ -13,13 +13,16 @@ RECOVER_PARAMS = ("all", "norms")
 DEFAULTS = dict(
     steps=None, minutes=None, params="all", lr=None, device="cpu", calib=None, tokenizer=None, work_dir=None,
     batch_size=4, seq_len=128, stop_samples=16, eval_every=None, warmup=0.05, weight_decay=0.0, hidden_weight=1.0,
-    top_k=64, seed=0, progress=True, max_windows=4096, checkpoint=None,
+    top_k=64, seed=0, progress=True, max_windows=4096, checkpoint=None, precision="auto",
 )
 DEFAULT_STEPS = 100  # when neither steps nor minutes is given
 #: ``checkpoint=None`` (auto) checkpoints the blocks' activations when the student trains more values than this:
 #: small models (all-MiniLM-L6-v2: 5.3 M kept values) skip the recomputation, which costs ~20 % of a step, and their
 #: activations are small; SmolLM2-135M (53 M) keeps checkpointing (its 4 GB memory goal).
 CHECKPOINT_ABOVE_VALUES = 20_000_000
+#: masked weights are rebuilt by a scatter over precomputed kept positions (int64: 8 bytes per kept value) up to
+#: this many kept values, by ``masked_scatter`` above it (no index memory; ~4x slower on the CPU)
+INDEX_MAX_VALUES = 64_000_000
 #: AdamW peak learning rate per model kind and --recover-params (measured: bench/results/recovery-minilm.md)
 #: Peak AdamW learning rates. Encoders: 2e-4 — on all-MiniLM-L6-v2, 10 minutes of recovery (~1,100 steps) reach an
 #: out-of-domain pooled cosine of 0.905 (2e-4) and 0.907 (5e-4) where 5e-5 reached 0.861 in 564 steps
@@ -58,6 +61,7 @@ class RecoverConfig:
     progress: bool | None = None  # one tqdm bar (default True)
     max_windows: int | None = None  # training sequences read at most (default 4096; they are cycled)
     checkpoint: bool | None = None  # activation checkpointing per block (None: above CHECKPOINT_ABOVE_VALUES)
+    precision: str | None = None  # auto (bf16 autocast where native, else fp32) | fp32 | bf16 (default auto)
 
     def resolved(self) -> RecoverConfig:
         """Every field filled, values checked (:class:`UsageError` naming the option)."""
@@ -69,6 +73,9 @@ class RecoverConfig:
             raise UsageError(f"--recover-params must be one of {', '.join(RECOVER_PARAMS)}, got {values['params']!r}")
         if values["device"] not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {values['device']!r}")
+        if values["precision"] not in PRECISIONS:
+            raise UsageError(f"--recover-precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {values['precision']!r}")
         if values["steps"] is None and values["minutes"] is None:
             values["steps"] = DEFAULT_STEPS
         if values["steps"] is not None and int(values["steps"]) < 1:
@@ -89,5 +96,5 @@ class RecoverConfig:
         return None if self.minutes is None else float(self.minutes) * 60.0
 
 
-__all__ = ["CHECKPOINT_ABOVE_VALUES", "DEFAULTS", "DEFAULT_LR", "DEVICES", "RECOVER_PARAMS", "RecoverConfig",
-           "default_lr"]
+__all__ = ["CHECKPOINT_ABOVE_VALUES", "DEFAULTS", "DEFAULT_LR", "DEVICES", "INDEX_MAX_VALUES", "PRECISIONS",
+           "RECOVER_PARAMS", "RecoverConfig", "default_lr"]

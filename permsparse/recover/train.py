@@ -8,8 +8,12 @@ minimizes
 - decoders: KL(teacher ‖ student) of the next-token distributions over the teacher's top-k tokens plus one bucket for
   the rest (exact KL of that coarsening), plus ``hidden_weight`` × the SquareHead term (mean over blocks of
   ‖h_s − h_t‖² / ‖h_t‖²);
-- encoders: ‖y_s − y_t‖² / ‖y_t‖² of every float output plus (1 − cosine) of the mean-pooled first output, plus the
-  same per-block term.
+- encoders: ‖y_s − y_t‖² / ‖y_t‖² of every float output over the real tokens (padding masked out) plus
+  (1 − cosine) of the mean-pooled first output, plus the same per-block term (also over real tokens).
+
+With ``precision`` bf16 (``auto`` picks it where the device multiplies bf16 natively: Ampere+ GPUs, CPUs with
+AVX512-BF16/AMX) the student's training runs are autocast — matrix products in bf16, weights, optimizer, losses and
+the held-out evaluation in fp32 (SmolLM2-135M on a 2-core Zen 4: 4.7 → 3.7 s per step).
 
 AdamW with linear warm-up and cosine decay over the run (steps, or the wall-clock budget). A masked weight is
 trained as the vector of its kept entries (:class:`StudentWeights`): each piece's run rebuilds the dense weight by
@@ -28,6 +32,7 @@ worse than the input's (the input is the first candidate).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -40,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from permsparse.devices import feed_to_device, resolve_device
+from permsparse.devices import autocast_dtype, feed_to_device, resolve_device
 from permsparse.errors import PermsparseError
 from permsparse.recover.model import Pieces, Trainable
 
@@ -88,17 +93,22 @@ class StudentWeights:
     Invariant: ``materialize(names)[w]`` is zero exactly off the mask and equals the kept vector, in row-major order,
     on it; its gradient with respect to the kept vector is the dense gradient read at the kept entries."""
 
-    def __init__(self, values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
+    def __init__(self, values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
+                 index: bool = False):
         self.values = values  # leaf tensors (requires_grad), by constant name
         self.masks = masks or {}  # masked weights only: bool keep mask of the stored shape
+        # with ``index``: the flat positions of the kept entries (int64, 8 bytes per kept value), so rebuilding a
+        # weight is one scatter (and its gradient one gather) instead of masked_scatter / masked_select, which cost
+        # ~4x as much on the CPU (bench: 3.1 ms vs 0.7 ms forward + backward for a 1536 x 384 weight)
+        self.index = {k: m.reshape(-1).nonzero().squeeze(1) for k, m in self.masks.items()} if index else {}
 
     @classmethod
-    def from_trainable(cls, trainable: Trainable, device: torch.device) -> StudentWeights:
+    def from_trainable(cls, trainable: Trainable, device: torch.device, index: bool = False) -> StudentWeights:
         """Leaf tensors over ``trainable``'s arrays (sharing memory on the CPU: trained in place)."""
         values = {k: torch.from_numpy(v[0]).to(device).requires_grad_() for k, v in trainable.masked.items()}
         values.update({k: torch.from_numpy(v).to(device).requires_grad_() for k, v in trainable.free.items()})
         masks = {k: torch.from_numpy(v[1]).to(device) for k, v in trainable.masked.items()}
-        return cls(values, masks)
+        return cls(values, masks, index)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -116,6 +126,9 @@ class StudentWeights:
         mask = self.masks.get(name)
         if mask is None:
             return v
+        idx = self.index.get(name)
+        if idx is not None:
+            return torch.zeros(mask.numel(), dtype=v.dtype, device=v.device).scatter(0, idx, v).view(mask.shape)
         return torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
 
     def materialize(self, names) -> dict[str, torch.Tensor]:
@@ -190,6 +203,16 @@ def _topk_kl(logp: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tenso
     return kl + tail_t * (tail_t.log() - tail_s.log())
 
 
+def _nmse(h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """‖h − t‖² / ‖t‖², over the real tokens only when ``mask`` ([batch, seq], 1 = token, 0 = padding) fits ``h``
+    ([batch, seq, ...]): an encoder's padded positions carry no meaning and would take a share of the loss."""
+    h = h.float()
+    if mask is None or h.dim() < 2 or tuple(mask.shape) != tuple(h.shape[:2]):
+        return ((h - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12)
+    w = mask.to(h.dtype).reshape(*mask.shape, *([1] * (h.dim() - 2)))
+    return (((h - t) ** 2) * w).sum() / ((t**2) * w).sum().clamp(min=1e-12)
+
+
 def _pool(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None or h.dim() != 3:
         return h.mean(dim=1) if h.dim() == 3 else h
@@ -207,6 +230,7 @@ class Recovery:
         self.fingerprint = fingerprint
         self.opt = MaskedAdamW(weights, cfg.lr, cfg.weight_decay)
         self.decoder = data.kind == "lm"
+        self.amp = autocast_dtype(cfg.precision, device)  # bf16 matrix products in the student's training runs
         self.logits = _logits_name(student.graph_outputs)
         self.ids_name = ids_name or student.graph_inputs[0]
         (work / "teacher").mkdir(parents=True, exist_ok=True)
@@ -248,15 +272,16 @@ class Recovery:
 
     def loss(self, feed: dict[str, np.ndarray], target: dict[str, torch.Tensor]) -> torch.Tensor:
         tfeed = feed_to_device(feed, self.device)
-        outs, hidden = run_pieces(self.student, tfeed, self.weights, checkpoint=bool(self.cfg.checkpoint))
+        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+        with amp:
+            outs, hidden = run_pieces(self.student, tfeed, self.weights, checkpoint=bool(self.cfg.checkpoint))
         self.student.release()
         ht = target["hidden"].to(self.device, torch.float32)
-        block = sum(((h.float() - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12) for h, t in zip(hidden, ht))
-        block = block / max(1, len(hidden))
+        mask = None if self.decoder else tfeed.get("attention_mask")  # decoder windows are packed: no padding
+        block = sum(_nmse(h, t, mask) for h, t in zip(hidden, ht)) / max(1, len(hidden))
         if self.decoder:
             main = _topk_kl(torch.log_softmax(outs[self.logits].float(), dim=-1), target).mean()
         else:
-            mask = tfeed.get("attention_mask")
             main = 0.0
             first = True
             for k, v in outs.items():
@@ -264,7 +289,7 @@ class Recovery:
                 if t is None:
                     continue
                 t = t.to(self.device)
-                main = main + ((v.float() - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12)
+                main = main + _nmse(v, t, mask)
                 if first:
                     main = main + (1.0 - F.cosine_similarity(_pool(v.float(), mask), _pool(t, mask), dim=-1)).mean()
                     first = False
