@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--params", default="all")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--hidden-weight", type=float, default=None, help="weight of the per-block term (default 1)")
+    ap.add_argument("--batch-size", type=int, default=None, help="texts per step (default 4)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (with --minutes: whichever ends first)")
     ap.add_argument("--out", type=Path, default=Path("out/recovery/minilm.onnx"))
     args = ap.parse_args()
@@ -45,9 +46,10 @@ def main() -> None:
     t0 = time.perf_counter()
     res = recover(args.sparse, args.dense, args.out, RecoverConfig(minutes=args.minutes, steps=args.steps,
                                                                    params=args.params, lr=args.lr,
-                                                                   hidden_weight=args.hidden_weight, progress=False))
+                                                                   hidden_weight=args.hidden_weight,
+                                                                   batch_size=args.batch_size, progress=False))
     print(json.dumps({"row": f"recovery {args.params} {args.minutes} min",
-                      "lr": res.lr, "hidden_weight": args.hidden_weight, "wall_s": time.perf_counter() - t0,
+                      "lr": res.lr, "hidden_weight": args.hidden_weight, "batch_size": args.batch_size, "wall_s": time.perf_counter() - t0,
                       "steps": res.steps, "tokens": res.tokens, "improved": res.improved, "precision": res.precision,
                       "stop_cos_before": res.heldout_before, "stop_cos_best": res.heldout_best,
                       "peak_rss_mb": res.peak_rss_mb, "curve": res.curve, **cos(args.out)}), flush=True)
