@@ -228,6 +228,9 @@ def test_text_feeds_pad_to_a_multiple_keep_the_tokens():
         for k in a:
             np.testing.assert_array_equal(b[k][:, :s], a[k])
         assert not b["attention_mask"][:, s:].any()
+    # a multiple that does not divide max_length could pad past it: ignored
+    odd = feeds.text_feeds(model, texts, None, batch_size=4, max_length=32, pad_multiple=7)
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, odd))
 
 
 def test_decoder_and_image_feeds(tmp_path: Path):

@@ -119,8 +119,9 @@ def text_feeds(
 
     Args:
         tokenizer: a tokenizer object, a local tokenizer directory, or ``None`` for all-MiniLM-L6-v2's.
-        pad_multiple: pad each batch up to a multiple of this many tokens (at most ``max_length``), so batches come
-            in few distinct lengths (training: oneDNN keeps one kernel per shape; see ``permsparse.recover.data``).
+        pad_multiple: pad each batch up to a multiple of this many tokens, so batches come in few distinct lengths
+            (training: oneDNN keeps one kernel per shape; see ``permsparse.recover.data``); ignored unless it divides
+            ``max_length`` (never pads past it) and for a static sequence length.
     """
     specs = model_inputs(model)
     ids_spec = find_ids(specs)
@@ -141,6 +142,8 @@ def text_feeds(
         logger.warning("dropping the last %d texts: the model's batch is fixed at %d", dropped, bsz)
         texts = texts[: len(texts) - dropped]
     vocab = vocab_size(model)
+    # padding up stays within max_length only when the multiple divides it
+    pad_up = bool(pad_multiple) and static_s is None and max_length % pad_multiple == 0
     feeds = []
     for i in range(0, len(texts), bsz):
         enc = tok(
@@ -149,7 +152,7 @@ def text_feeds(
             truncation=True,
             max_length=max_length,
             return_tensors="np",
-            **({"pad_to_multiple_of": pad_multiple} if pad_multiple and static_s is None else {}),
+            **({"pad_to_multiple_of": pad_multiple} if pad_up else {}),
         )
         ids = np.asarray(enc["input_ids"])
         _check_ids(ids, specs, vocab, "the tokenizer")

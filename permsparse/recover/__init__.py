@@ -101,10 +101,12 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     """Distil ``sparse`` (the student) from ``dense`` (its teacher) and write ``output`` (see the module doc)."""
     import numpy as np
 
-    from permsparse.pipeline.blockwise.state import half_weights
+    from permsparse.devices import autocast_dtype
     from permsparse.errors import PermsparseError
     from permsparse.ir.model import model_files
     from permsparse.ir.save import check_output, work_dir
+    from permsparse.pipeline.blockwise.state import half_weights
+    from permsparse.recover.config import CHECKPOINT_ABOVE_VALUES, INDEX_MAX_VALUES
     from permsparse.recover.data import recovery_data
     from permsparse.recover.model import (
         analyze_teacher,
@@ -120,8 +122,6 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
         run_pieces,
     )
     from permsparse.recover.write import write_model
-    from permsparse.devices import autocast_dtype
-    from permsparse.recover.config import INDEX_MAX_VALUES
 
     cfg = (config or RecoverConfig()).resolved()
     src, teacher_path, dst = Path(sparse), Path(dense), Path(output)
@@ -182,8 +182,6 @@ def recover(sparse: str | os.PathLike[str], dense: str | os.PathLike[str], outpu
     n_masked = len(trainable.masked)
     n_values = n_kept + int(sum(v.size for v in trainable.free.values()))
     if cfg.checkpoint is None:  # recomputation only where the activations would weigh
-        from permsparse.recover.config import CHECKPOINT_ABOVE_VALUES
-
         cfg = replace(cfg, checkpoint=n_values > CHECKPOINT_ABOVE_VALUES)
     t0 = time.perf_counter()
     with work_dir(dst.parent, "recover") as tmp:
@@ -214,8 +212,8 @@ def _check_same_model(student, teacher, weights, feed, device, run_pieces) -> No
     """The residual stream entering block 0 must agree (it holds no pruned weight): else not the same model."""
     import torch
 
-    from permsparse.errors import PermsparseError
     from permsparse.devices import feed_to_device
+    from permsparse.errors import PermsparseError
 
     if not student.blocks:
         return  # one piece only: nothing block-free to compare (the inputs and outputs were compared)

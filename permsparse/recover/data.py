@@ -92,7 +92,7 @@ def _feeds(model_path: Path, header, kind: str, texts: list[str], tokenizer, bat
     # kernel cache stays small (bf16 training grew to 2.5 GB RSS on MiniLM with one kernel set per length); the
     # loss ignores the padding
     return text_feeds(header, texts[: samples if samples is not None else None], tokenizer, batch_size, seq_len,
-                      pad_multiple=PAD_MULTIPLE if seq_len % PAD_MULTIPLE == 0 else None)
+                      pad_multiple=PAD_MULTIPLE)
 
 
 def recovery_data(model_path: Path, cfg, teacher_path: Path | None = None) -> RecoveryData:
