@@ -122,9 +122,9 @@ def _cmd_optimize(args: argparse.Namespace) -> Outcome:
         lines.append(f"report: {path}")
         data["report"] = str(path)
     if result.recovery is None and not args.no_mask and _text_model(args.model):
-        lines.append(f"recovery is off: add --recover-steps 280 (or run `permsparse recover {args.output} --teacher "
+        lines.append(f"recovery is off: add --recover-steps 460 (or run `permsparse recover {args.output} --teacher "
                      f"{args.model} -o OUT.onnx`) to train the kept weights against the dense model with the masks "
-                     "frozen (SmolLM2-135M: 3.5x -> 1.9x dense perplexity out of domain in 279 steps, 30 minutes on "
+                     "frozen (SmolLM2-135M: 3.5x -> 1.7x dense perplexity out of domain in ~460 steps, 30 minutes on "
                      "2 CPU cores; README, Recovery)")
     lines.append(f"wrote {args.output} ({'dense, permuted' if args.no_mask else f'{cfg.pattern} sparse'}) "
                  f"in {result.timings['total']:.1f} s")

@@ -22,7 +22,7 @@ def add_recover_options(p: argparse.ArgumentParser, *, verb: bool) -> None:
                    help="all: kept weights + biases + norms (default); norms: only norms and biases (PERP)")
     p.add_argument("--recover-lr", type=float, default=None, metavar="LR",
                    help="AdamW peak learning rate of recovery (default by model kind and --recover-params: "
-                        "2e-4 with all (decoders and encoders); 1e-3 with norms; permsparse.recover.config.DEFAULT_LR)")
+                        "decoders 4e-4, encoders 2e-4 with all; 1e-3 with norms; permsparse.recover.config.DEFAULT_LR)")
     p.add_argument("--recover-precision", choices=PRECISIONS, default=None,
                    help="auto (default): bf16 matrix products (fp32 weights and optimizer) where the device "
                         "multiplies bf16 natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp32; fp32; bf16")

@@ -25,10 +25,11 @@ CHECKPOINT_ABOVE_VALUES = 20_000_000
 INDEX_MAX_VALUES = 64_000_000
 #: Peak AdamW learning rates. Encoders: 2e-4 — on all-MiniLM-L6-v2, 10 minutes of recovery (~1,100 steps) reach an
 #: out-of-domain pooled cosine of 0.905 (2e-4) and 0.907 (5e-4) where 5e-5 reached 0.861 in 564 steps
-#: (bench/results/recovery-minilm.md). Decoders: 2e-4 — SmolLM2-135M from the one-shot defaults, 30 minutes of
-#: recovery (~450 steps, bf16 products) reach 1.81x / 1.76x dense perplexity (Wikipedia / out of domain) at 2e-4,
-#: 1.91x / 1.83x at 1e-4; 5 minutes: 2.17x / 1.97x vs 2.29x / 2.06x (bench/results/recovery-smollm2.md).
-DEFAULT_LR = {"decoder": {"all": 2e-4, "norms": 1e-3}, "encoder": {"all": 2e-4, "norms": 1e-3}}
+#: (bench/results/recovery-minilm.md). Decoders: 4e-4 — SmolLM2-135M from the one-shot defaults, 30 minutes of
+#: recovery (~460 steps, bf16 products) reach 1.70x / 1.71x dense perplexity (Wikipedia / out of domain) at 4e-4,
+#: 1.81x / 1.76x at 2e-4, 1.91x / 1.83x at 1e-4 (one run each; bench/results/recovery-smollm2.md). Higher rates
+#: are not measured.
+DEFAULT_LR = {"decoder": {"all": 4e-4, "norms": 1e-3}, "encoder": {"all": 2e-4, "norms": 1e-3}}
 
 
 def default_lr(kind: str, params: str) -> float:
