@@ -205,9 +205,9 @@ def test_encoder_batches_bucketed_by_length_train_every_text_with_less_padding(m
     words = ["the", "of", "a", "sparse", "model", "weight", "text", "short", "long", "value"]
     texts = [" ".join(rng.choice(words, size=int(rng.choice([3, 60])))) for _ in range(64)]
     monkeypatch.setattr(rdata, "BUCKET_BATCHES", 4)  # runs of 4 batches x 4 texts = 16 texts
-    out = rdata._bucketed(texts, None, 4, 32)
-    assert sorted(out) == sorted(texts)
     tok = load_tokenizer(None)
+    out = rdata._bucketed(texts, tok, 4, 32)
+    assert sorted(out) == sorted(texts)
     n = [len(x) for x in tok(out, truncation=True, max_length=32)["input_ids"]]
     for start in range(0, 64, 16):
         run = n[start:start + 16]

@@ -77,14 +77,11 @@ def _texts(calib: str | None, seed: int) -> tuple[list[str], str]:
     return [texts[i] for i in rng.permutation(len(texts))], str(path)
 
 
-def _bucketed(texts: list[str], tokenizer, batch_size: int, seq_len: int) -> list[str]:
+def _bucketed(texts: list[str], tok, batch_size: int, seq_len: int) -> list[str]:
     """The texts reordered so each run of ``BUCKET_BATCHES`` batches holds the same texts, sorted by token length:
     a batch is padded to its longest text, and the mixed lengths of the built-in mix (film snippets of ~30 tokens
     beside news passages cut at 128) left about half of each padded batch as padding. Every text is still trained on
-    as often; the loop draws the batches in a shuffled order."""
-    from permsparse.data.text import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
+    as often; the loop draws the batches in a shuffled order. ``tok``: a loaded tokenizer."""
     lengths = [len(x) for x in tok(texts, truncation=True, max_length=seq_len)["input_ids"]]
     run = batch_size * BUCKET_BATCHES
     order: list[int] = []
@@ -102,6 +99,7 @@ def _feeds(model_path: Path, header, kind: str, texts: list[str], tokenizer, bat
         token_feeds,
     )
     from permsparse.data.kinds import vocab_size
+    from permsparse.data.text import load_tokenizer
 
     if kind == "lm":
         if tokenizer is None:
@@ -115,6 +113,7 @@ def _feeds(model_path: Path, header, kind: str, texts: list[str], tokenizer, bat
     # loss ignores the padding
     texts = texts[: samples if samples is not None else None]
     if bucket:
+        tokenizer = load_tokenizer(tokenizer)  # loaded once: the lengths and the feeds tokenize with it
         texts = _bucketed(texts, tokenizer, batch_size, seq_len)
     return text_feeds(header, texts, tokenizer, batch_size, seq_len, pad_multiple=PAD_MULTIPLE)
 
